@@ -1,0 +1,275 @@
+"""The ``almt`` command line: a thin layer over the library.
+
+    almt extract videos/      # raw clips -> features.pkl (MMSA format)
+    almt train                # features.pkl -> runs/<time>/checkpoint
+    almt predict clip.mp4     # newest checkpoint -> sentiment score
+
+Each option maps to one keyword argument of a library function. Errors caused by input or
+environment are printed as one line (``error: ...``) with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import AlmtError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Multimodal sentiment analysis with ALMT: extract features from raw clips, train, predict.",
+)
+
+DEFAULT_FEATURES = Path("features.pkl")
+DEFAULT_RUNS = Path("runs")
+
+ConfigOpt = typer.Option(
+    "default", "--config", "-c",
+    help="Built-in config (default, mosi, mosei, sims) or a YAML file.",
+)
+TextModelOpt = typer.Option(
+    None, "--text-model",
+    help="Override the config's text model: Hugging Face hub name or local path (BERT architecture).",
+)
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars; warnings and results only.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+
+
+def _one_line_errors(func):
+    """Turn library errors into ``error: <message>`` and exit status 1, without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except AlmtError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "huggingface_hub", "faster_whisper", "numba", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _load_config(config: str, text_model: Optional[str], **sections):
+    from .config import load_config, replace_config
+
+    cfg = load_config(config)
+    model = dict(sections.pop("model", {}))
+    if text_model is not None:
+        model["text_model"] = text_model
+    return replace_config(cfg, model=model, **sections)
+
+
+@app.command()
+@_one_line_errors
+def extract(
+    input: Path = typer.Argument(..., help="A dataset folder (label.csv + Raw/), a folder of clips, or one clip."),
+    out: Path = typer.Option(DEFAULT_FEATURES, "--out", "-o", help="Feature file to write (MMSA pickle)."),
+    config: str = ConfigOpt,
+    text_model: Optional[str] = TextModelOpt,
+    visual_backend: Optional[str] = typer.Option(None, "--visual-backend", help="landmarks (offline, dlib) or pyfeat."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Video frames sampled per second (config: extract.visual.fps)."),
+    asr_model: Optional[str] = typer.Option(None, "--asr-model", help="faster-whisper model name or path for clips without a transcript."),
+    workers: int = typer.Option(1, "--workers", "-j", min=1, help="Clips processed in parallel."),
+    unlabeled_split: str = typer.Option("test", "--unlabeled-split", help="Split that receives clips without labels."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Per-clip cache (default: .almt_cache next to --out)."),
+    device: str = typer.Option("cpu", "--device", help="Device for the text and ASR models."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Turn raw clips into an MMSA-format feature file (text, audio and face features)."""
+    _setup_logging(quiet, verbose)
+    from .extractors.runner import extract as run_extract
+
+    if unlabeled_split not in ("train", "valid", "test"):
+        raise typer.BadParameter("must be train, valid or test", param_hint="--unlabeled-split")
+    cfg = _load_config(
+        config, text_model,
+        extract={"visual.backend": visual_backend, "visual.fps": fps, "asr_model": asr_model},
+    )
+    summary = run_extract(
+        input, out, cfg, workers=workers, unlabeled_split=unlabeled_split,
+        cache_dir=cache_dir, device=device, quiet=quiet,
+    )
+    if summary.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@_one_line_errors
+def train(
+    config: str = ConfigOpt,
+    data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<date-time>; with --resume: the newest run)."),
+    text_model: Optional[str] = TextModelOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Number of epochs (config: train.epochs)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Training batch size (config: train.batch_size)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (config: train.lr)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (config: train.seed)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 1111,1112,1113: one run each, mean +- std."),
+    patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Early stopping after this many epochs without improvement."),
+    select_metric: Optional[str] = typer.Option(None, "--select-metric", help="Validation metric that selects the checkpoint (config: train.select_metric)."),
+    masked: Optional[bool] = typer.Option(None, "--masked/--unmasked", help="Mask padding using the lengths (the released ALMT code does not)."),
+    amp: Optional[str] = typer.Option(None, "--amp", help="Mixed precision on CUDA: none, bf16 or fp16."),
+    device: str = DeviceOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished epoch."),
+    show_test_selected: bool = typer.Option(False, "--show-test-selected", help="Also print the reference-style best-per-metric table selected on TEST (not sound model selection)."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Train ALMT on a feature file; the checkpoint is selected on the validation split."""
+    _setup_logging(quiet, verbose)
+    from .train import train as run_train
+
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
+    cfg = _load_config(
+        config, text_model,
+        model={"masked": masked},
+        train={
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "seeds": seed_list,
+            "patience": patience, "select_metric": select_metric, "amp": amp,
+        },
+    )
+    if out is None:
+        out = _latest_run(DEFAULT_RUNS) if resume else _new_run_dir(DEFAULT_RUNS)
+    run_train(cfg, data, out, device=device, resume=resume, quiet=quiet, show_test_selected=show_test_selected)
+
+
+@app.command()
+@_one_line_errors
+def evaluate(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint directory (default: the newest under runs/)."),
+    data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
+    split: str = typer.Option("test", "--split", help="train, valid or test."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write per-sample predictions (id, label, prediction) to this CSV."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Score a checkpoint on one split of a feature file."""
+    _setup_logging(quiet, verbose)
+    from .train import evaluate as run_evaluate
+
+    if split not in ("train", "valid", "test"):
+        raise typer.BadParameter("must be train, valid or test", param_hint="--split")
+    ckpt = checkpoint if checkpoint is not None else _latest_checkpoint()
+    run_evaluate(ckpt, data, split=split, predictions_path=predictions, device=device,
+                 batch_size=batch_size, quiet=quiet)
+
+
+@app.command()
+@_one_line_errors
+def predict(
+    input: Path = typer.Argument(..., help="A clip or a folder of clips."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint directory (default: the newest under runs/)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per clip instead of text."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write results to a .jsonl or .csv file."),
+    device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Predict the sentiment of new clips with a trained checkpoint."""
+    _setup_logging(quiet, verbose)
+    from .predict import run_predict_cli
+
+    ckpt = checkpoint if checkpoint is not None else _latest_checkpoint()
+    failed = run_predict_cli(input, ckpt, json_out=json_out, out=out, device=device, quiet=quiet)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@_one_line_errors
+def describe(
+    config: str = ConfigOpt,
+    text_model: Optional[str] = TextModelOpt,
+) -> None:
+    """Print the model's parameter counts, excluding and including the text model."""
+    _setup_logging(True)
+    from .model.almt import describe_model
+
+    cfg = _load_config(config, text_model)
+    info = describe_model(cfg.model)
+    typer.echo(f"config:        {cfg.name}")
+    typer.echo(f"text model:    {cfg.model.text_model} (hidden size {info['text_dim']}{info['text_note']})")
+    typer.echo(f"parameters excluding the text model: {info['excluding_text']:,}")
+    typer.echo(f"parameters including the text model: {info['total']:,}")
+
+
+@app.command("import-weights")
+@_one_line_errors
+def import_weights(
+    file: Path = typer.Argument(..., help="State dict (.pt/.pth/.bin or .safetensors) of an ALMT trained elsewhere."),
+    format: str = typer.Option(..., "--format", help="official (the paper's released code) or mmsa (thuiar/MMSA)."),
+    config: str = ConfigOpt,
+    text_model: Optional[str] = TextModelOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to create."),
+) -> None:
+    """Convert released ALMT weights into a self-contained checkpoint."""
+    _setup_logging(False)
+    from .model.convert import import_weights as run_import
+
+    if format not in ("official", "mmsa"):
+        raise typer.BadParameter("must be official or mmsa", param_hint="--format")
+    cfg = _load_config(config, text_model)
+    run_import(file, format, cfg, out)
+    typer.echo(f"checkpoint written to {out}")
+
+
+def _new_run_dir(root: Path) -> Path:
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{n}"
+    return path
+
+
+def _latest_run(root: Path) -> Path:
+    from .errors import TrainingError
+
+    runs = [p for p in root.glob("*") if (p / "last").is_dir() or (p / "log.jsonl").exists()] if root.is_dir() else []
+    if not runs:
+        raise TrainingError(f"{root}: no run to resume here; pass --out RUN_DIR")
+    return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def _latest_checkpoint() -> Path:
+    from .predict import find_latest_checkpoint
+
+    return find_latest_checkpoint(DEFAULT_RUNS)
+
+
+def main() -> None:
+    """Console entry point."""
+    app(prog_name="almt")
+
+
+if __name__ == "__main__":
+    main()
