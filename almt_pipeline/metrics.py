@@ -92,6 +92,19 @@ def _sims_bins(x: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
     return bins
 
 
+def sentiment_class(x: Any, scale: str, n_classes: int) -> np.ndarray:
+    """Class of each value as the accuracy metrics see it.
+
+    mosi: ``round(clip(x, -c, c))`` for 7, 5 or 3 classes (an integer in [-c, c]);
+    sims: the index of the right-closed bin for 2, 3 or 5 classes (0 = most negative).
+    """
+    v = _as_float32(x)
+    if _resolve_scale(scale) == "mosi":
+        c = MOSI_CLIPS[n_classes]
+        return np.round(np.clip(v, -c, c))
+    return _sims_bins(np.clip(v, -1.0, 1.0), SIMS_EDGES[n_classes])
+
+
 def _mosi(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     out: dict[str, float] = {}
     has0_t, has0_p = truth >= 0, pred >= 0
@@ -102,12 +115,10 @@ def _mosi(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     out["Non0_acc_2"] = _accuracy(non0_p, non0_t)
     out["Non0_F1_score"] = _weighted_f1(non0_t, non0_p)
     for k in (5, 7):
-        c = MOSI_CLIPS[k]
-        out[f"Mult_acc_{k}"] = _accuracy(np.round(np.clip(pred, -c, c)), np.round(np.clip(truth, -c, c)))
+        out[f"Mult_acc_{k}"] = _accuracy(sentiment_class(pred, "mosi", k), sentiment_class(truth, "mosi", k))
     out["MAE"] = _mae(pred, truth)
     out["Corr"] = _pearson(pred, truth)
-    c = MOSI_CLIPS[3]
-    out["Mult_acc_3"] = _accuracy(np.round(np.clip(pred, -c, c)), np.round(np.clip(truth, -c, c)))
+    out["Mult_acc_3"] = _accuracy(sentiment_class(pred, "mosi", 3), sentiment_class(truth, "mosi", 3))
     return out
 
 

