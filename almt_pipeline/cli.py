@@ -67,10 +67,11 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def _load_config(config: str, text_model: Optional[str], **sections):
-    from .config import load_config, replace_config
+def _load_config(config, text_model: Optional[str], **sections):
+    """A config by name/path (or an already loaded one) with command-line overrides applied."""
+    from .config import Config, load_config, replace_config
 
-    cfg = load_config(config)
+    cfg = config if isinstance(config, Config) else load_config(config)
     model = dict(sections.pop("model", {}))
     if text_model is not None:
         model["text_model"] = text_model
@@ -115,7 +116,10 @@ def extract(
 @app.command()
 @_one_line_errors
 def train(
-    config: str = ConfigOpt,
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c",
+        help="Built-in config (default, mosi, mosei, sims) or a YAML file (default: default; with --resume: the run's own config).",
+    ),
     data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<date-time>; with --resume: the newest run)."),
     text_model: Optional[str] = TextModelOpt,
@@ -144,16 +148,22 @@ def train(
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
+    if out is None:
+        out = _latest_run(DEFAULT_RUNS) if resume else _new_run_dir(DEFAULT_RUNS)
+    if config is None and resume:
+        from .train import load_run_config
+
+        base = load_run_config(out)  # a resumed run keeps the settings it started with
+    else:
+        base = config or "default"
     cfg = _load_config(
-        config, text_model,
+        base, text_model,
         model={"masked": masked},
         train={
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "seeds": seed_list,
             "patience": patience, "select_metric": select_metric, "amp": amp,
         },
     )
-    if out is None:
-        out = _latest_run(DEFAULT_RUNS) if resume else _new_run_dir(DEFAULT_RUNS)
     run_train(cfg, data, out, device=device, resume=resume, quiet=quiet, show_test_selected=show_test_selected)
 
 
@@ -193,7 +203,7 @@ def predict(
 ) -> None:
     """Predict the sentiment of new clips with a trained checkpoint."""
     _setup_logging(quiet, verbose)
-    from .predict import run_predict_cli
+    from .prediction import run_predict_cli
 
     ckpt = checkpoint if checkpoint is not None else _latest_checkpoint()
     failed = run_predict_cli(input, ckpt, json_out=json_out, out=out, device=device, quiet=quiet)
@@ -261,7 +271,7 @@ def _latest_run(root: Path) -> Path:
 
 
 def _latest_checkpoint() -> Path:
-    from .predict import find_latest_checkpoint
+    from .prediction import find_latest_checkpoint
 
     return find_latest_checkpoint(DEFAULT_RUNS)
 
