@@ -37,7 +37,7 @@ class ModelConfig:
     text_len: int = 50  # L: tokens per sample
     audio_dim: int = 33  # d_a
     audio_len: int = 250  # T_a max
-    vision_dim: int = 176  # d_v
+    vision_dim: int = 160  # d_v (landmarks backend)
     vision_len: int = 60  # T_v max
     dim: int = 128  # D: model width
     n_tokens: int = 8  # T: summary tokens per modality

@@ -1,0 +1,302 @@
+"""Face featurizers: the dlib landmarks backend on real frames and the py-feat adapter."""
+
+from __future__ import annotations
+
+import builtins
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from almt_pipeline.config import VisualConfig
+from almt_pipeline.errors import ConfigError, DependencyError
+from almt_pipeline.extractors import visual as V
+from almt_pipeline.extractors.pyfeat_backend import (
+    AU_COLUMNS,
+    EMOTION_COLUMNS,
+    FACEBOX_COLUMNS,
+    LANDMARK_COLUMNS,
+    PyFeatFaceFeaturizer,
+    pyfeat_feature_names,
+)
+from almt_pipeline.media import iter_frames
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
+SHARED_MEDIA = REPO.parent / "shared" / "media"  # present in the development checkout only
+
+
+def _find(name: str) -> Path:
+    for folder in (DATA, SHARED_MEDIA):
+        if (folder / name).is_file():
+            return folder / name
+    pytest.skip(f"{name} is not available")
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    """A frontal, smiling face (NASA photo, public domain), RGB uint8."""
+    import cv2
+
+    path = DATA / "astronaut.jpg" if (DATA / "astronaut.jpg").is_file() else _find("astronaut.png")
+    img = cv2.imread(str(path))
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def landmarks_fz() -> V.LandmarkFaceFeaturizer:
+    return V.make_face_featurizer(VisualConfig())
+
+
+def _col(fz, vf: V.VisualFeatures, name: str) -> np.ndarray:
+    return vf.features[:, fz.feature_names.index(name)]
+
+
+# ------------------------------------------------------------------------------- interface
+
+
+def test_feature_names_fixed(landmarks_fz):
+    names = landmarks_fz.feature_names
+    assert names == V.LANDMARKS_FEATURE_NAMES and len(set(names)) == len(names)
+    assert landmarks_fz.dim == len(names) == 1 + 5 + 3 + len(V.EXPRESSION_NAMES) + 136
+    assert names[0] == "face_found" and landmarks_fz.backend == "landmarks"
+    assert landmarks_fz.fps == VisualConfig().fps
+    with pytest.raises(ConfigError, match="unknown visual backend"):
+        V.make_face_featurizer(VisualConfig(backend="openface"))
+    with pytest.raises(ConfigError, match="detect_every"):
+        V.make_face_featurizer(VisualConfig(detect_every=0))
+
+
+def test_shape_predictor_found_without_importing_package():
+    import sys
+
+    path = V.shape_predictor_path()
+    assert path.name == V.SHAPE_PREDICTOR_FILE and path.is_file()
+    assert "face_recognition_models" not in sys.modules
+
+
+def test_empty_stream(landmarks_fz):
+    vf = landmarks_fz([])
+    assert vf.features.shape == (0, landmarks_fz.dim) and vf.face_found.shape == (0,)
+
+
+# ------------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("pose", [(0.0, 0.0, 0.0), (0.3, 0.0, 0.0), (0.0, -0.4, 0.0), (0.0, 0.0, 0.3),
+                                  (-0.2, 0.3, -0.1)])
+def test_head_pose_recovers_projected_model(pose):
+    import cv2
+
+    rot = V.pose_to_rotation(*pose)
+    assert np.allclose(V.rotation_to_pose(rot), pose, atol=1e-9)
+    rvec, _ = cv2.Rodrigues(rot)
+    cam = V.camera_matrix(320, 180, np.array([160.0, 90.0]))
+    proj, _ = cv2.projectPoints(V.POSE_MODEL, rvec, np.array([0.0, 0.0, 600.0]), cam, None)
+    pts = np.repeat(proj.reshape(-1, 2).mean(axis=0, keepdims=True), V.N_LANDMARKS, axis=0)  # (68, 2)
+    pts[V.POSE_POINTS] = proj.reshape(-1, 2)
+    est = V.head_pose(pts, 320, 180)
+    assert est is not None and np.allclose(est, pose, atol=0.03)
+    # Sign conventions (py-feat's): +yaw turns the nose to the image left, +pitch lifts it,
+    # +roll lowers the subject's right eye (image left).
+    nose, eye_r, eye_l = pts[V.NOSE_TIP], pts[V.EYE_R_OUTER], pts[V.EYE_L_OUTER]
+    if pose[1]:
+        assert np.sign(nose[0] - (eye_r[0] + eye_l[0]) / 2) == -np.sign(pose[1])
+    if pose[2]:
+        assert np.sign(eye_r[1] - eye_l[1]) == np.sign(pose[2])
+
+
+def test_expression_measures_respond_to_mouth():
+    pts = np.zeros((V.N_LANDMARKS, 2))
+    pts[V.EYE_R] = [100, 100]
+    pts[V.EYE_L] = [160, 100]  # IOD = 60 px
+    pts[[V.MOUTH_R, V.MOUTH_L]] = [[110, 180], [150, 180]]
+    pts[[V.INNER_UPPER_LIP, V.INNER_LOWER_LIP]] = [[130, 178], [130, 190]]
+    m = dict(zip(V.EXPRESSION_NAMES, V.expression_measures(pts)))
+    assert m["mouth_open"] == pytest.approx(12 / 60)
+    assert m["mouth_width"] == pytest.approx(40 / 60)
+    assert m["lip_corner_raise"] == pytest.approx((184 - 180) / 60)  # corners above the centre
+    # Same face twice as large, shifted and rotated: same measures.
+    ang = 0.3
+    rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
+    moved = (pts * 2) @ rot.T + [40, -25]
+    assert np.allclose(V.expression_measures(moved), V.expression_measures(pts), atol=1e-9)
+
+
+# ------------------------------------------------------------------------------- real frames
+
+
+def test_frontal_face(astronaut):
+    # Detection at full size: at 320 px this face is near the HOG detector's ~80 px minimum.
+    landmarks_fz = V.make_face_featurizer(VisualConfig(max_side=max(astronaut.shape[:2])))
+    vf = landmarks_fz([(0.0, astronaut), (0.1, astronaut)])
+    assert vf.features.dtype == np.float32 and vf.features.shape == (2, landmarks_fz.dim)
+    assert vf.face_found.all() and np.isfinite(vf.features).all()
+    assert np.allclose(vf.features[0], vf.features[1], atol=1e-3)  # tracked frame == detected frame
+    for name in ("head_pitch", "head_yaw", "head_roll"):
+        assert abs(_col(landmarks_fz, vf, name)[0]) < math.radians(20), name
+    assert _col(landmarks_fz, vf, "lip_corner_raise")[0] > 0.02  # she smiles
+    assert 0.1 < _col(landmarks_fz, vf, "eye_open_left")[0] < 0.5
+    assert 0 < _col(landmarks_fz, vf, "face_x")[0] < 1 and _col(landmarks_fz, vf, "det_score")[0] > 0
+
+
+def test_position_and_zoom_do_not_matter(astronaut):
+    import cv2
+
+    h, w = astronaut.shape[:2]
+    fz = V.make_face_featurizer(VisualConfig(max_side=max(h, w), detect_every=1))
+    x0 = w // 10  # zoom in 1.5x and shift: the face lands elsewhere, larger
+    zoomed = cv2.resize(astronaut, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_LINEAR)[:h, x0:x0 + w]
+    vf = fz([(0.0, astronaut), (0.1, zoomed), (0.2, np.ascontiguousarray(astronaut[:, ::-1]))])
+    assert vf.face_found.all()
+    assert _col(fz, vf, "face_w")[1] > 1.3 * _col(fz, vf, "face_w")[0]
+    lm = slice(fz.feature_names.index("lm_x_0"), None)
+    expr = slice(fz.feature_names.index(V.EXPRESSION_NAMES[0]), lm.start)
+    assert np.abs(vf.features[0, lm] - vf.features[1, lm]).mean() < 0.03
+    assert np.abs(vf.features[0, expr] - vf.features[1, expr]).max() < 0.1
+    # The mirrored face turns and tilts the other way.
+    yaw, roll = _col(fz, vf, "head_yaw"), _col(fz, vf, "head_roll")
+    assert abs(yaw[0] + yaw[2]) < 0.05 and abs(roll[0] + roll[2]) < 0.05
+
+
+def test_no_face_clip_gives_zeros(landmarks_fz):
+    path = _find("no_face.mp4")
+    vf = landmarks_fz(iter_frames(path, 10, 320))
+    assert len(vf.face_found) >= 10 and not vf.face_found.any()
+    assert not vf.features.any()
+    stats = landmarks_fz.last_stats
+    assert stats["detections"] == math.ceil(stats["frames"] / VisualConfig().detect_every)
+
+
+@pytest.mark.parametrize("name", ["speech_face.mp4", "WolfgangLanger_Pexels.mp4"])
+def test_tracking_between_detections(name):
+    path = _find(name)
+    frames = []
+    for t, frame in iter_frames(path, 10, 320):
+        if t >= 4.0:
+            break
+        frames.append((t, frame.copy()))
+    tracked = V.make_face_featurizer(VisualConfig(detect_every=5))
+    vf = tracked(frames)
+    assert vf.face_fraction >= 0.9
+    stats = tracked.last_stats
+    assert stats["tracked"] > stats["detections"] and stats["detections"] < len(frames)
+    every = V.make_face_featurizer(VisualConfig(detect_every=1))(frames)
+    both = vf.face_found & every.face_found
+    lm = slice(tracked.feature_names.index("lm_x_0"), None)
+    assert np.abs(vf.features[both, lm] - every.features[both, lm]).mean() < 0.05  # IOD units
+
+
+def test_lost_track_and_backfill():
+    _, face = next(iter(iter_frames(_find("speech_face.mp4"), 10, 320)))
+    fz = V.make_face_featurizer(VisualConfig(detect_every=4))
+    blank = np.full_like(face, 128)
+    # A face, then a blank frame (tracking must fail, not follow a ghost), then the face again:
+    # the frames before the next scheduled detection are filled in by tracking backwards.
+    seq = [face, face, blank, face, face, face, face]
+    vf = fz([(i / 10, f) for i, f in enumerate(seq)])
+    assert vf.face_found.tolist() == [True, True, False, True, True, True, True]
+    assert fz.last_stats["redetections"] == 1 and fz.last_stats["backfilled"] == 3
+    assert not vf.features[2].any()
+    assert np.allclose(vf.features[3], vf.features[0], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------- py-feat adapter
+
+
+class StandInDetector:
+    """Stands in for py-feat 2.1.5's ``Detectorv1``, whose weights come from the Hugging Face hub
+    and cannot be downloaded here. ``detect(tensor, data_type="tensor", ...)`` answers like the
+    real one: one row per face with py-feat's column layout, a ``frame`` column counting from 0
+    within the call, and for a frame without a face a single row whose face box is NaN."""
+
+    def __init__(self, faces_per_frame):
+        self.faces_per_frame = list(faces_per_frame)  # per frame: list of (x, y, w, h, value)
+        self.calls = []
+        self.seen = 0
+
+    def detect(self, inputs, data_type="image", batch_size=1, progress_bar=True,
+               face_detection_threshold=0.5, **kwargs):
+        assert data_type == "tensor" and inputs.ndim == 4 and inputs.shape[1] == 3  # (B, 3, H, W)
+        self.calls.append(tuple(inputs.shape))
+        rows = []
+        for i in range(inputs.shape[0]):
+            faces = self.faces_per_frame[self.seen + i]
+            for x, y, w, h, value in faces or [(np.nan, np.nan, np.nan, np.nan, np.nan)]:
+                row = dict(zip(FACEBOX_COLUMNS, [x, y, w, h, 0.0 if np.isnan(x) else 0.99]))
+                lm = np.arange(len(LANDMARK_COLUMNS), dtype=float)
+                xs = x + w * (0.2 + 0.6 * (lm[:68] % 17) / 16)
+                ys = y + h * (0.2 + 0.6 * (lm[68:] - 68) / 67)
+                row.update(zip(LANDMARK_COLUMNS, np.concatenate([xs, ys])))
+                row.update({"Pitch": value, "Roll": -value, "Yaw": 2 * value, "X": 0, "Y": 0, "Z": 0})
+                row.update({au: value / 10 for au in AU_COLUMNS})
+                row.update({emo: value / 100 for emo in EMOTION_COLUMNS})
+                row.update({"gaze_pitch": np.nan, "gaze_yaw": np.nan, "gaze_angle": np.nan,
+                            "FrameHeight": inputs.shape[2], "FrameWidth": inputs.shape[3],
+                            "input": "tensor", "frame": i})
+                rows.append(row)
+        self.seen += inputs.shape[0]
+        return pd.DataFrame(rows)
+
+
+def test_pyfeat_adapter_with_stand_in():
+    faces = [
+        [(10, 10, 50, 60, 5.0)],                          # one face
+        [(0, 0, 20, 20, 1.0), (100, 50, 80, 90, 7.0)],    # two faces: the larger one wins
+        [],                                               # no face
+        [(30, 20, 40, 40, 3.0)],
+        [(30, 20, 40, 40, 4.0)],
+    ]
+    cfg = VisualConfig(backend="pyfeat", pyfeat_landmarks=True, max_side=320)
+    det = StandInDetector(faces)
+    fz = PyFeatFaceFeaturizer(cfg, detector=det, batch_size=2)
+    assert fz.feature_names == pyfeat_feature_names(True) and fz.dim == 1 + 20 + 7 + 3 + 136
+    frames = [(i / 10, np.zeros((360, 640, 3), np.uint8)) for i in range(len(faces))]
+    vf = fz(frames)
+    assert det.calls == [(2, 3, 180, 320), (2, 3, 180, 320), (1, 3, 180, 320)]  # batched, downscaled
+    assert vf.features.shape == (5, fz.dim) and vf.features.dtype == np.float32
+    assert vf.face_found.tolist() == [True, True, False, True, True]
+    assert not vf.features[2].any() and np.isfinite(vf.features).all()
+    au01 = fz.feature_names.index("AU01")
+    assert vf.features[:, au01].tolist() == pytest.approx([0.5, 0.7, 0.0, 0.3, 0.4])
+    pose = [fz.feature_names.index(n) for n in ("head_pitch", "head_yaw", "head_roll")]
+    assert vf.features[1, pose] == pytest.approx(np.radians([7.0, 14.0, -7.0]))
+    assert vf.features[1, fz.feature_names.index("happiness")] == pytest.approx(0.07)
+    lm = slice(fz.feature_names.index("lm_x_0"), None)
+    assert abs(vf.features[0, lm].mean()) < 1e-5 and vf.features[0, lm].std() > 0.1  # normalised
+
+    short = PyFeatFaceFeaturizer(VisualConfig(backend="pyfeat"), detector=StandInDetector(faces[:2]))
+    assert short.dim == 31 and short(frames[:2]).features.shape == (2, 31)
+
+
+def test_pyfeat_missing_gives_dependency_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_feat(name, *args, **kwargs):
+        if name == "feat" or name.startswith("feat."):
+            raise ModuleNotFoundError("No module named 'feat'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_feat)
+    fz = V.make_face_featurizer(VisualConfig(backend="pyfeat", pyfeat_device="cpu"))  # lazy: no error yet
+    with pytest.raises(DependencyError, match="py-feat is not installed.*landmarks"):
+        fz([(0.0, np.zeros((32, 32, 3), np.uint8))])
+
+
+def test_pyfeat_weights_unavailable_gives_dependency_error(monkeypatch):
+    import sys
+    import types
+
+    def offline(**kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    feat = types.ModuleType("feat")
+    detector = types.ModuleType("feat.detector")
+    detector.Detectorv1 = offline
+    monkeypatch.setitem(sys.modules, "feat", feat)
+    monkeypatch.setitem(sys.modules, "feat.detector", detector)
+    fz = PyFeatFaceFeaturizer(VisualConfig(backend="pyfeat", pyfeat_device="cpu"))
+    with pytest.raises(DependencyError, match="Hugging Face hub.*internet once"):
+        fz([(0.0, np.zeros((32, 32, 3), np.uint8))])
