@@ -1,0 +1,112 @@
+"""Text features: BERT token ids (``text_bert``) and the text model's hidden states (``text``).
+
+Layout follows the MMSA feature files: ``text_bert`` is (3, L) = token ids, attention mask,
+segment ids for ``[CLS] tokens [SEP]`` followed by zero padding; ``text`` is the model's last
+hidden state for that whole padded sequence (the official pickles keep the outputs at padding
+positions too, so this does the same).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ExtractionError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class TextFeatures:
+    text_bert: np.ndarray  # (3, L) float32: ids, attention mask, segment ids
+    hidden: np.ndarray  # (L, H) float32 last hidden state
+    n_tokens: int  # tokens of the whole text incl. [CLS]/[SEP], before truncation
+    truncated: bool  # n_tokens > L: the end of the text was cut
+
+
+class TextFeaturizer:
+    """Tokenize a transcript with the text model's BERT tokenizer and run the model.
+
+    ``text_model`` is a hub name, a local folder or an embedded name (see
+    ``model.text_encoder.resolve_text_model``). ``model``/``tokenizer`` may be given directly
+    (already loaded), in which case ``text_model`` is only recorded.
+    """
+
+    def __init__(
+        self,
+        text_model: str,
+        text_len: int,
+        device: str = "cpu",
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+    ):
+        import torch
+
+        from ..utils import resolve_device
+
+        if text_len < 2:
+            raise ValueError(f"text_len must be >= 2 ([CLS] and [SEP]), got {text_len}")
+        if (model is None) != (tokenizer is None):
+            raise ValueError("give both model and tokenizer, or neither")
+        if model is None:
+            from ..model.text_encoder import load_text_model
+
+            model, tokenizer = load_text_model(text_model)
+        self.text_model = text_model
+        self.text_len = int(text_len)
+        self.device = resolve_device(device)
+        self.tokenizer = tokenizer
+        self.model = model.to(self.device).eval()
+        self.hidden_size = int(model.config.hidden_size)
+        self._torch = torch
+
+    def _encode(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        """-> text_bert (B, 3, L) float32 and the untruncated token counts."""
+        texts = [(t or "").strip() for t in texts]
+        full = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        n_tokens = [len(ids) for ids in full]
+        enc = self.tokenizer(
+            texts,
+            max_length=self.text_len,
+            truncation=True,
+            padding="max_length",
+            return_attention_mask=True,
+            return_token_type_ids=True,
+            return_tensors="np",
+        )
+        text_bert = np.stack(
+            [enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]], axis=1
+        ).astype(np.float32)  # (B, 3, L)
+        return text_bert, n_tokens
+
+    def _hidden(self, text_bert: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        tb = torch.from_numpy(text_bert).long().to(self.device)  # (B, 3, L)
+        with torch.inference_mode():
+            out = self.model(input_ids=tb[:, 0], attention_mask=tb[:, 1], token_type_ids=tb[:, 2])
+        return out.last_hidden_state.float().cpu().numpy().astype(np.float32, copy=False)  # (B, L, H)
+
+    def featurize_many(
+        self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> list[TextFeatures]:
+        """Featurize several texts, ``batch_size`` per model call (same result as one by one)."""
+        results: list[TextFeatures] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start:start + batch_size])
+            try:
+                text_bert, n_tokens = self._encode(chunk)
+                hidden = self._hidden(text_bert)  # (B, L, H)
+            except Exception as e:  # tokenizer / model failure on odd input
+                raise ExtractionError(f"text model {self.text_model!r} failed: {e}") from e
+            for i, n in enumerate(n_tokens):
+                results.append(TextFeatures(text_bert[i], hidden[i], n, n > self.text_len))
+        return results
+
+    def __call__(self, text: str) -> TextFeatures:
+        return self.featurize_many([text])[0]
