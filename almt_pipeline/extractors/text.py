@@ -34,7 +34,9 @@ class TextFeaturizer:
 
     ``text_model`` is a hub name, a local folder or an embedded name (see
     ``model.text_encoder.resolve_text_model``). ``model``/``tokenizer`` may be given directly
-    (already loaded), in which case ``text_model`` is only recorded.
+    (already loaded), in which case ``text_model`` is only recorded. With ``tokenizer`` alone
+    (no model) only ``text_bert`` is computed and ``hidden`` is (L, 0): prediction needs just the
+    token ids, since the checkpoint runs its own fine-tuned text model.
     """
 
     def __init__(
@@ -52,9 +54,9 @@ class TextFeaturizer:
 
         if text_len < 2:
             raise ValueError(f"text_len must be >= 2 ([CLS] and [SEP]), got {text_len}")
-        if (model is None) != (tokenizer is None):
-            raise ValueError("give both model and tokenizer, or neither")
-        if model is None:
+        if model is not None and tokenizer is None:
+            raise ValueError("a model needs its tokenizer")
+        if model is None and tokenizer is None:
             from ..model.text_encoder import load_text_model
 
             model, tokenizer = load_text_model(text_model)
@@ -62,8 +64,8 @@ class TextFeaturizer:
         self.text_len = int(text_len)
         self.device = resolve_device(device)
         self.tokenizer = tokenizer
-        self.model = model.to(self.device).eval()
-        self.hidden_size = int(model.config.hidden_size)
+        self.model = model.to(self.device).eval() if model is not None else None
+        self.hidden_size = int(model.config.hidden_size) if model is not None else 0
         self._torch = torch
 
     def _encode(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
@@ -87,6 +89,8 @@ class TextFeaturizer:
 
     def _hidden(self, text_bert: np.ndarray) -> np.ndarray:
         torch = self._torch
+        if self.model is None:  # tokenizer only
+            return np.zeros((*text_bert[:, 0].shape, 0), np.float32)  # (B, L, 0)
         tb = torch.from_numpy(text_bert).long().to(self.device)  # (B, 3, L)
         with torch.inference_mode():
             out = self.model(input_ids=tb[:, 0], attention_mask=tb[:, 1], token_type_ids=tb[:, 2])
