@@ -65,6 +65,12 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     for noisy in ("transformers", "huggingface_hub", "faster_whisper", "numba", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:  # transformers' per-load "Loading weights" bar is noise next to our own progress
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _load_config(config, text_model: Optional[str], **sections):
@@ -245,7 +251,7 @@ def import_weights(
     if format not in ("official", "mmsa"):
         raise typer.BadParameter("must be official or mmsa", param_hint="--format")
     cfg = _load_config(config, text_model)
-    run_import(file, format, cfg, out)
+    run_import(file, format, cfg, None, out)
     typer.echo(f"checkpoint written to {out}")
 
 

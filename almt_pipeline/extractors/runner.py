@@ -92,7 +92,7 @@ class ClipExtractor:
     """
 
     def __init__(self, cfg: Config, device: str = "cpu", *, audio_featurizer: Any = None,
-                 face_featurizer: Any = None, threads: int | None = None):
+                 face_featurizer: Any = None, text_featurizer: Any = None, threads: int | None = None):
         from .text import TextFeaturizer
 
         self.cfg = cfg
@@ -101,7 +101,8 @@ class ClipExtractor:
         self.audio_featurizer = audio_featurizer or _make_audio_featurizer(cfg)
         self.face_featurizer = face_featurizer or _make_face_featurizer(cfg)
         check_feature_widths(cfg, self.audio_featurizer, self.face_featurizer)
-        self.text_featurizer = TextFeaturizer(cfg.model.text_model, cfg.model.text_len, device=self.device)
+        self.text_featurizer = text_featurizer or TextFeaturizer(
+            cfg.model.text_model, cfg.model.text_len, device=self.device)
         self._transcriber: Any = None
 
     @property

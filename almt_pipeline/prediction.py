@@ -1,0 +1,288 @@
+"""Sentiment of new clips with a trained checkpoint.
+
+The checkpoint records how its training features were made (extractor settings and feature
+names); prediction rebuilds exactly those extractors, so a clip is featurised the way the
+training clips were. Models are loaded once per :class:`Predictor` and reused across clips.
+
+    from almt_pipeline import Predictor
+    p = Predictor("runs/20260101-120000/checkpoint")
+    print(p.predict("clip.mp4").score)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import AlmtError, CheckpointError
+from .metrics import sentiment_class
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+
+# Class names on each label scale (the Acc-7 / Acc-5 classes of the metrics).
+MOSI_CLASSES = {
+    -3: "strongly negative", -2: "negative", -1: "weakly negative", 0: "neutral",
+    1: "weakly positive", 2: "positive", 3: "strongly positive",
+}
+SIMS_CLASSES = ("negative", "weakly negative", "neutral", "weakly positive", "positive")
+POLARITY = ("negative", "neutral", "positive")
+
+
+@dataclass
+class Prediction:
+    """The result for one clip. ``error`` is set (and the score is NaN) when the clip failed."""
+
+    path: str
+    score: float = math.nan
+    polarity: str = ""  # negative | neutral | positive
+    label_class: str = ""  # e.g. "+1 weakly positive" (7 classes on [-3, 3], 5 on [-1, 1])
+    label_scale: str = ""
+    transcript: str = ""
+    transcript_source: str = ""  # sidecar | asr | given
+    face_fraction: float = math.nan
+    duration: float = math.nan
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("score", "face_fraction", "duration"):
+            if isinstance(d[k], float) and math.isnan(d[k]):
+                d[k] = None
+        d["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
+        return d
+
+
+def polarity(score: float, scale: str) -> str:
+    """Negative / neutral / positive: the 3-class bins of the metrics (Mult_acc_3)."""
+    k = int(sentiment_class(score, scale, 3)[0])
+    return POLARITY[k + 1 if scale != "sims" else k]
+
+
+def label_class(score: float, scale: str) -> str:
+    """The class of ``score`` on the training data's scale: 7 classes on [-3, 3], 5 on [-1, 1]."""
+    if scale == "sims":
+        return SIMS_CLASSES[int(sentiment_class(score, scale, 5)[0])]
+    k = int(sentiment_class(score, scale, 7)[0])
+    return f"{k:+d} {MOSI_CLASSES[k]}" if k else f"0 {MOSI_CLASSES[0]}"
+
+
+def find_latest_checkpoint(root: str | Path = "runs") -> Path:
+    """The newest ``<root>/*/checkpoint`` (by modification time), as ``almt train`` writes them."""
+    root = Path(root)
+    found = [p for p in root.glob(f"*/{CHECKPOINT_DIR}") if (p / "config.json").is_file()]
+    if not found:
+        raise CheckpointError(
+            f"{root}: no trained checkpoint found; run `almt train` first or pass --checkpoint DIR"
+        )
+    return max(found, key=lambda p: (p / "config.json").stat().st_mtime)
+
+
+class Predictor:
+    """A checkpoint plus the extractors its features need, loaded once."""
+
+    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto"):
+        from .model.checkpoint import load_checkpoint
+        from .utils import resolve_device
+
+        ckpt_dir = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint()
+        self.device = resolve_device(device)
+        t = time.perf_counter()
+        self.checkpoint = load_checkpoint(ckpt_dir, device=self.device)
+        self.path = ckpt_dir
+        self.cfg = _extraction_config(self.checkpoint, ckpt_dir)
+        self.label_scale = self.checkpoint.label_scale
+        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir)
+        self.load_seconds = time.perf_counter() - t
+        log.debug("loaded %s in %.2f s", ckpt_dir, self.load_seconds)
+
+    def predict(self, clip: str | Path, transcript: str | None = None) -> Prediction:
+        """Score one clip; raises :class:`AlmtError` for bad media (see :meth:`predict_many`)."""
+        import torch
+
+        from .extractors.runner import fit_length
+
+        t0 = time.perf_counter()
+        result = self.extractor(clip, transcript=transcript,
+                                transcript_source="given" if transcript is not None else None)
+        m = self.cfg.model
+        audio, audio_len = fit_length(result.audio, m.audio_len)  # (T_a, d_a)
+        vision, vision_len = fit_length(result.vision, m.vision_len)  # (T_v, d_v)
+        t = time.perf_counter()
+        dev = self.device
+        with torch.inference_mode():
+            score = self.checkpoint.model(
+                torch.from_numpy(result.text_bert[None]).to(dev),  # (1, 3, L)
+                torch.from_numpy(audio[None]).to(dev),  # (1, T_a, d_a)
+                torch.from_numpy(vision[None]).to(dev),  # (1, T_v, d_v)
+                audio_lengths=torch.tensor([audio_len], device=dev),
+                vision_lengths=torch.tensor([vision_len], device=dev),
+            )
+        value = float(score.reshape(-1)[0])
+        timings = dict(result.timings)
+        timings["model"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        return Prediction(
+            path=str(clip), score=value, polarity=polarity(value, self.label_scale),
+            label_class=label_class(value, self.label_scale), label_scale=self.label_scale,
+            transcript=result.raw_text, transcript_source=result.transcript_source,
+            face_fraction=result.face_fraction, duration=result.duration, timings=timings,
+        )
+
+    def predict_many(self, clips: Iterable[str | Path], quiet: bool = True) -> list[Prediction]:
+        """Score several clips; a bad clip gives a Prediction with ``error`` set, the rest go on."""
+        from tqdm import tqdm
+
+        clips = list(clips)
+        out: list[Prediction] = []
+        for clip in tqdm(clips, unit="clip", disable=quiet or len(clips) < 2, desc="predict"):
+            try:
+                out.append(self.predict(clip))
+            except AlmtError as e:
+                log.warning("%s", e)
+                out.append(Prediction(path=str(clip), error=str(e)))
+            except Exception as e:  # an extractor bug must not stop the batch
+                log.debug("unexpected failure on %s", clip, exc_info=True)
+                log.warning("%s: %s: %s", clip, type(e).__name__, e)
+                out.append(Prediction(path=str(clip), error=f"{clip}: {type(e).__name__}: {e}"))
+        return out
+
+
+def predict(clips: str | Path | Sequence[str | Path], checkpoint: str | Path | None = None,
+            device: str = "auto") -> list[Prediction]:
+    """Score a clip, a folder of clips or a list of clips with one loaded :class:`Predictor`."""
+    predictor = Predictor(checkpoint, device=device)
+    paths = list_inputs(clips) if isinstance(clips, (str, Path)) else list(clips)
+    return predictor.predict_many(paths)
+
+
+def list_inputs(path: str | Path) -> list[Path]:
+    """A single file as is (whatever its extension), or the clips of a folder (recursive)."""
+    from .extractors.dataset import list_plain_clips
+
+    path = Path(path)
+    if not path.exists():
+        raise AlmtError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    return [spec.path for spec in list_plain_clips(path)]
+
+
+def run_predict_cli(input_path: Path, checkpoint: Path, *, json_out: bool = False,
+                    out: Path | None = None, device: str = "auto", quiet: bool = False) -> int:
+    """What ``almt predict`` does: print each result, optionally write a file; -> failures."""
+    import typer
+
+    if out is not None and out.suffix.lower() not in (".jsonl", ".csv", ".json"):
+        raise AlmtError(f"{out}: --out must end in .jsonl or .csv")
+    paths = list_inputs(input_path)
+    predictor = Predictor(checkpoint, device=device)
+    results = predictor.predict_many(paths, quiet=quiet)
+    for r in results:
+        if r.error is not None:
+            typer.secho(f"error: {r.error}", fg=typer.colors.RED, err=True)
+            if not json_out:
+                continue
+        typer.echo(json.dumps(r.to_dict(), ensure_ascii=False) if json_out else format_prediction(r))
+    if out is not None:
+        write_predictions(out, results)
+    failed = sum(r.error is not None for r in results)
+    if len(results) > 1 and not json_out:
+        typer.echo(f"{len(results) - failed} clip(s) scored, {failed} failed")
+    return failed
+
+
+def format_prediction(r: Prediction) -> str:
+    scale = "[-1, 1]" if r.label_scale == "sims" else "[-3, 3]"
+    t = r.timings
+    steps = ", ".join(f"{k} {t[k]:.2f}s" for k in ("audio", "asr", "text", "face", "model") if k in t)
+    transcript = r.transcript if len(r.transcript) <= 200 else r.transcript[:197] + "..."
+    return "\n".join([
+        f"{r.path}",
+        f"  sentiment   {r.score:+.3f} on {scale}: {r.polarity} ({r.label_class})",
+        f"  transcript  \"{transcript}\" (from {r.transcript_source})",
+        f"  face found  in {100 * r.face_fraction:.0f}% of sampled frames; clip {r.duration:.1f} s",
+        f"  time        {t.get('total', math.nan):.2f} s ({steps})",
+    ])
+
+
+def write_predictions(path: Path, results: list[Prediction]) -> None:
+    """Write results as JSON lines (.jsonl/.json) or CSV (.csv), atomically."""
+    from .utils import atomic_write_text
+
+    rows = [r.to_dict() for r in results]
+    if path.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        fields = [k for k in rows[0] if k != "timings"] + ["seconds"] if rows else []
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            row = dict(row)
+            row["seconds"] = row.pop("timings", {}).get("total")
+            w.writerow(row)
+        atomic_write_text(path, buf.getvalue())
+    else:
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _extraction_config(ckpt: Any, ckpt_dir: Path) -> Any:
+    """The checkpoint's config with the extractor settings its training features were made with."""
+    from .config import config_from_dict, config_to_dict
+
+    meta = ckpt.feature_meta or {}
+    settings = meta.get("extract")
+    if not settings:
+        raise CheckpointError(
+            f"{ckpt_dir}: this checkpoint was trained on a feature file without extraction "
+            "settings (e.g. an official MOSI/MOSEI/SIMS pickle), so its features cannot be made "
+            "from raw clips; train on a file written by `almt extract` to predict on clips"
+        )
+    d = config_to_dict(ckpt.cfg)
+    d["extract"] = settings
+    try:
+        return config_from_dict(d, source=f"{ckpt_dir} (feature settings)")
+    except AlmtError as e:
+        raise CheckpointError(
+            f"{ckpt_dir}: the stored extraction settings are not understood by this version "
+            f"of almt-pipeline ({e})"
+        ) from e
+
+
+def _make_extractor(cfg: Any, ckpt: Any, ckpt_dir: Path) -> Any:
+    """A ClipExtractor whose features match the checkpoint's feature names exactly."""
+    from .extractors.runner import ClipExtractor
+
+    from .extractors.text import TextFeaturizer
+
+    text = TextFeaturizer(str(ckpt_dir), cfg.model.text_len, tokenizer=ckpt.tokenizer)  # ids only
+    extractor = ClipExtractor(cfg, device="cpu", text_featurizer=text)
+    expected = (ckpt.feature_meta or {}).get("feature_names") or {}
+    produced = {
+        "audio": list(extractor.audio_featurizer.feature_names),
+        "vision": list(extractor.face_featurizer.feature_names),
+    }
+    for modality, names in produced.items():
+        want = expected.get(modality)
+        if want is not None and list(want) != names:
+            raise CheckpointError(
+                f"{ckpt_dir}: the checkpoint expects {len(want)} {modality} features "
+                f"({_names(want)}) but the installed extractors produce {len(names)} "
+                f"({_names(names)}); use the almt-pipeline version that trained it"
+            )
+    return extractor
+
+
+def _names(names: Sequence[str]) -> str:
+    names = list(names)
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")

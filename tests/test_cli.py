@@ -1,0 +1,92 @@
+"""The ``almt`` commands through Typer's runner: help, one-line errors, describe, evaluate."""
+
+import pickle
+
+import pytest
+from typer.testing import CliRunner
+
+from almt_pipeline.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_every_command():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("extract", "train", "evaluate", "predict", "describe", "import-weights"):
+        assert cmd in r.output
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_train_missing_feature_file(tmp_path):
+    line = one_line_error(invoke("train", "--data", tmp_path / "nope.pkl", "--out", tmp_path / "run"))
+    assert "nope.pkl" in line
+
+
+def test_train_refuses_malicious_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.pkl"
+    bad.write_bytes(pickle.dumps({"train": Evil()}))
+    line = one_line_error(invoke("train", "--data", bad, "--out", tmp_path / "run"))
+    assert "evil.pkl" in line and "refused" in line
+    assert not marker.exists()
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  fusion_dpeth: 3\n")
+    line = one_line_error(invoke("describe", "--config", cfg))
+    assert "fusion_dpeth" in line and "c.yaml" in line
+
+
+def test_predict_without_checkpoint(tmp_path, monkeypatch, data_dir):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(invoke("predict", data_dir / "speech_face.mp4"))
+    assert "runs" in line and "almt train" in line
+
+
+def test_extract_missing_input(tmp_path):
+    line = one_line_error(invoke("extract", tmp_path / "nothing", "--out", tmp_path / "f.pkl"))
+    assert "nothing" in line
+
+
+def test_describe_counts_for_minilm():
+    r = invoke("describe", "--config", "mosi", "--text-model", "sentence-transformers/all-MiniLM-L6-v2")
+    assert r.exit_code == 0, r.output
+    assert "parameters excluding the text model: 2,554,497" in r.output
+    assert "parameters including the text model: 25," in r.output  # + 22.7M MiniLM
+
+
+@pytest.mark.parametrize("config, count", [
+    ("mosi", "2,603,649"), ("mosei", "3,223,041"), ("sims", "3,232,897"),
+])
+def test_describe_reference_counts_without_bert_weights(config, count):
+    """bert-base-* weights are not available offline; the count only needs their config."""
+    r = invoke("describe", "--config", config)
+    assert r.exit_code == 0, r.output
+    assert f"parameters excluding the text model: {count}" in r.output
+
+
+def test_bad_option_values():
+    r = invoke("evaluate", "--split", "dev")
+    assert r.exit_code != 0 and "train, valid or test" in r.output

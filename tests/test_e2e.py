@@ -1,0 +1,116 @@
+"""The three bare commands in an empty working directory, on the committed mini dataset.
+
+    almt extract <dataset>    -> ./features.pkl
+    almt train                -> runs/<time>/checkpoint
+    almt predict <clip>       -> a score for a clip the model never saw
+
+Real extractors (MiniLM text model, librosa audio, dlib landmarks) and the real model run here,
+offline; the only thing made small is the number of epochs, through a config file.
+"""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from almt_pipeline.cli import app
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, data_dir):
+    """Run extract + train once (bare commands) and share the working directory."""
+    import os
+
+    work = tmp_path_factory.mktemp("work")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        r = invoke("extract", data_dir / "mini_dataset", "--quiet")
+        assert r.exit_code == 0, r.output
+        assert (work / "features.pkl").is_file()
+        r = invoke("train", "--epochs", "3", "--quiet")
+        assert r.exit_code == 0, r.output
+    finally:
+        os.chdir(old)
+    return work
+
+
+def test_train_wrote_a_run(workdir):
+    runs = list((workdir / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    for name in ("checkpoint/config.json", "checkpoint/model.safetensors", "log.jsonl", "curves.png",
+                 "summary.json"):
+        assert (run / name).exists(), name
+    lines = (run / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def test_predict_new_clip_with_latest_checkpoint(workdir, data_dir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    r = invoke("predict", data_dir / "speech_face.mp4", "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads([ln for ln in r.output.splitlines() if ln.startswith("{")][0])
+    assert -10 < row["score"] < 10
+    assert row["polarity"] in ("negative", "neutral", "positive")
+    assert row["transcript_source"] == "asr"
+    assert row["transcript"]
+    assert 0.0 <= row["face_fraction"] <= 1.0
+    assert row["label_scale"] == "mosi"
+
+
+def test_predict_human_output_and_sidecar(workdir, data_dir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    r = invoke("predict", data_dir / "with_sidecar.mp4")
+    assert r.exit_code == 0, r.output
+    assert "sentiment" in r.output and "(from sidecar)" in r.output
+
+
+def test_predict_folder_with_bad_clip(workdir, data_dir, monkeypatch, tmp_path):
+    monkeypatch.chdir(workdir)
+    folder = tmp_path / "clips"
+    shutil.copytree(data_dir / "plain_folder", folder)
+    out = tmp_path / "preds.csv"
+    r = invoke("predict", folder, "--out", out)
+    assert r.exit_code == 1
+    assert r.output.count("error: ") == 1 and "broken.mp4" in r.output
+    rows = out.read_text().splitlines()
+    assert len(rows) == 1 + 4  # header + 3 good + 1 failed
+    assert "3 clip(s) scored, 1 failed" in r.output
+
+
+def test_predict_bad_file_is_one_line(workdir, data_dir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    r = invoke("predict", data_dir / "not_a_video.mp4")
+    assert r.exit_code == 1
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "not_a_video.mp4" in errors[0]
+    assert "Traceback" not in r.output
+
+
+def test_evaluate_latest_checkpoint(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    r = invoke("evaluate", "--predictions", "preds.csv")
+    assert r.exit_code == 0, r.output
+    assert "MAE" in r.output
+    assert len((workdir / "preds.csv").read_text().splitlines()) == 3  # header + 2 test clips
+
+
+def test_library_predictor_reuses_models(workdir, data_dir):
+    from almt_pipeline import Predictor
+
+    ckpt = next((workdir / "runs").iterdir()) / "checkpoint"
+    p = Predictor(ckpt, device="cpu")
+    a = p.predict(data_dir / "with_sidecar.mp4")
+    b = p.predict(data_dir / "with_sidecar.mp4")
+    assert a.score == pytest.approx(b.score, abs=1e-5)
+    assert a.transcript_source == "sidecar"
