@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	# thuiar/MMSA's own data loader, only to test that it reads our feature files
+	$(BIN)/python -m pip install --quiet --no-deps "MMSA==2.2.1"
 	touch $(STAMP)
 
 # The three-command flow in a scratch working directory, on the bundled sample dataset.

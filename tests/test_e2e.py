@@ -114,3 +114,26 @@ def test_library_predictor_reuses_models(workdir, data_dir):
     b = p.predict(data_dir / "with_sidecar.mp4")
     assert a.score == pytest.approx(b.score, abs=1e-5)
     assert a.transcript_source == "sidecar"
+
+
+def test_mmsa_loader_reads_extracted_file(workdir):
+    """thuiar/MMSA's own MMDataset reads the file `almt extract` wrote (MMSA installed --no-deps)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("MMSA")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("MMSA is not installed (make setup installs it with --no-deps)")
+    loader_path = Path(next(iter(spec.submodule_search_locations))) / "data_loader.py"
+    mod_spec = importlib.util.spec_from_file_location("_mmsa_data_loader_e2e", loader_path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    args = {"dataset_name": "mosi", "featurePath": str(workdir / "features.pkl"), "custom_feature": None,
+            "feature_T": None, "feature_A": None, "feature_V": None, "use_bert": True,
+            "need_data_aligned": False, "need_normalized": False, "feature_dims": [0, 0, 0]}
+    for mode, n in (("train", 2), ("valid", 2), ("test", 2)):
+        ds = mod.MMDataset(dict(args), mode=mode)
+        assert len(ds) == n
+        item = ds[0]
+        assert tuple(item["text"].shape) == (3, 50)
+        assert tuple(item["audio"].shape) == (250, 33) and tuple(item["vision"].shape) == (60, 160)
