@@ -369,11 +369,20 @@ def _probe_ffmpeg(path: Path, exe: str) -> MediaInfo:
 # --------------------------------------------------------------------------- audio
 
 
+AUDIO_READ_BYTES = 1 << 20  # bytes per read from ffmpeg's pipe
+AUDIO_SLACK_S = 1.0  # room beyond the probed duration before the sample buffer has to grow
+AUDIO_UNKNOWN_S = 60.0  # first buffer size when the container gives no duration
+AUDIO_MAX_FIRST_S = 4 * 3600.0  # a larger announced duration is not trusted for the first buffer
+F32_BYTES = 4
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int, *, info: MediaInfo | None = None) -> np.ndarray:
     """Decode the first audio stream to mono float32 at ``sample_rate`` Hz, in memory.
 
     Any channel count is downmixed and the rate converted by ffmpeg. Returns (N,) float32.
-    Raises ``MediaError`` when the file has no audio stream or cannot be decoded.
+    ffmpeg's output is read straight into one buffer sized from the probed duration, so the
+    waveform is held once. Raises ``MediaError`` when the file has no audio stream or cannot be
+    decoded.
     """
     import ffmpeg  # ffmpeg-python: builds the argument list
 
@@ -387,18 +396,46 @@ def load_audio(path: str | os.PathLike, sample_rate: int, *, info: MediaInfo | N
     )
     args[1:1] = GLOBAL_ARGS
     try:
-        proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
     except OSError as e:
         raise DependencyError(f"cannot run {args[0]!r}: {e}") from e
-    if proc.returncode != 0:
-        reason = _last_error_line(proc.stderr.decode("utf-8", "replace"), path)
+    stderr: deque[str] = deque(maxlen=STDERR_KEEP_LINES)
+    stderr_thread = threading.Thread(target=_drain_lines, args=(proc.stderr, stderr), daemon=True)
+    stderr_thread.start()
+    seconds = min(info.duration + AUDIO_SLACK_S, AUDIO_MAX_FIRST_S) if info.duration else AUDIO_UNKNOWN_S
+    try:
+        wave = _read_f32le(proc.stdout, int(seconds * sample_rate))  # (N,)
+        returncode = proc.wait()
+    finally:
+        _stop_process(proc, stderr_thread)  # on an error while reading: stop ffmpeg
+    if returncode != 0:
+        reason = _last_error_line("\n".join(stderr), path)
         raise MediaError(f"{path}: audio decoding failed ({reason})")
-    wave = np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)  # (N,)
     if wave.size == 0:
         raise MediaError(f"{path}: no audio could be decoded (empty or corrupt audio stream)")
     if not np.isfinite(wave).all():
-        wave = np.nan_to_num(wave, nan=0.0, posinf=0.0, neginf=0.0)
+        np.nan_to_num(wave, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return wave
+
+
+def _read_f32le(pipe: IO[bytes], expected: int) -> np.ndarray:
+    """All little-endian float32 samples from ``pipe`` as one (N,) float32 array, read in place
+    into a buffer of ``expected`` samples that grows (realloc) only when the stream is longer."""
+    buf = np.empty(max(expected, AUDIO_READ_BYTES // F32_BYTES), dtype="<f4")  # (capacity,)
+    filled = 0  # bytes
+    while True:
+        if filled == buf.nbytes:
+            buf.resize(2 * buf.size, refcheck=False)  # no view of buf is alive here
+        view = memoryview(buf.view(np.uint8))[filled : filled + AUDIO_READ_BYTES]
+        got = pipe.readinto(view)
+        view.release()
+        if not got:
+            break
+        filled += got
+    buf.resize(filled // F32_BYTES, refcheck=False)  # gives back the unused tail
+    return buf if buf.dtype == np.float32 else buf.astype(np.float32)  # (N,), native byte order
 
 
 # --------------------------------------------------------------------------- video frames

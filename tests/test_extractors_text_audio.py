@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import io
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,51 @@ def test_default_recipe_is_chsims_33d_and_matches_librosa(speech):
     ).T  # (T, 33)
     assert out.dtype == np.float32 and out.shape == ref.shape == (feat.frames(len(y)), 33)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # a clip shorter than one chunk takes exactly the whole-signal path
+    np.testing.assert_array_equal(out, AudioFeaturizer(cfg, chunk_seconds=None)(y))
+
+
+def _long_speech(sample_rate: int, seconds: float) -> np.ndarray:
+    """(N,) the committed speech clip repeated at varying loudness, plus a little noise."""
+    y0 = media.load_audio(COMMITTED_SPEECH, sample_rate)
+    rng = np.random.default_rng(0)
+    n = int(seconds * sample_rate) + 123  # not a whole number of hops
+    reps = n // len(y0) + 1
+    y = np.concatenate([y0 * rng.uniform(0.3, 1.5) for _ in range(reps)])[:n]
+    return (y + 0.01 * rng.standard_normal(n)).astype(np.float32)
+
+
+def test_chunked_features_match_whole_signal():
+    cfg = AudioConfig()
+    y = _long_speech(cfg.sample_rate, 70.0)
+    whole = AudioFeaturizer(cfg, chunk_seconds=None)(y)
+    chunked = AudioFeaturizer(cfg, chunk_seconds=5.0)(y)  # 14 chunks plus a short last one
+    assert chunked.shape == whole.shape == (AudioFeaturizer(cfg).frames(len(y)), 33)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_features_match_for_every_feature():
+    cfg = AudioConfig(sample_rate=16000, hop_length=256, n_fft=1024, n_mfcc=13, n_chroma=24,
+                      features=list(FEATURES))
+    y = _long_speech(cfg.sample_rate, 14.0)
+    whole = AudioFeaturizer(cfg, chunk_seconds=None)(y)
+    chunked = AudioFeaturizer(cfg, chunk_seconds=3.0)(y)
+    assert chunked.shape == whole.shape
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+    silence = np.zeros_like(y)
+    quiet = AudioFeaturizer(cfg, chunk_seconds=3.0)(silence)
+    assert np.isfinite(quiet).all()
+    np.testing.assert_array_equal(quiet, AudioFeaturizer(cfg, chunk_seconds=None)(silence))
+    with pytest.raises(ConfigError, match="chunk"):
+        AudioFeaturizer(cfg, chunk_seconds=0)
+
+
+def test_audio_reader_grows_and_trims_its_buffer():
+    samples = np.arange(300_001, dtype="<f4")  # more than the first buffer holds
+    got = media._read_f32le(io.BytesIO(samples.tobytes() + b"\x00\x01"), expected=10)  # + half a sample
+    assert got.dtype == np.float32 and got.flags.owndata
+    np.testing.assert_array_equal(got, samples)
+    assert media._read_f32le(io.BytesIO(b""), expected=1000).size == 0
 
 
 def test_silence_and_short_audio_are_finite():
