@@ -92,7 +92,10 @@ def find_latest_checkpoint(root: str | Path = "runs") -> Path:
 class Predictor:
     """A checkpoint plus the extractors its features need, loaded once."""
 
-    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto"):
+    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto",
+                 preload_asr: bool = False):
+        """``preload_asr`` starts loading the speech recogniser in the background at once (for
+        clips without transcripts); otherwise it loads on the first clip that needs it."""
         from .model.checkpoint import load_checkpoint
         from .utils import resolve_device
 
@@ -104,6 +107,8 @@ class Predictor:
         self.cfg = _extraction_config(self.checkpoint, ckpt_dir)
         self.label_scale = self.checkpoint.label_scale
         self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir)
+        if preload_asr:
+            self.extractor.preload_transcriber()
         self.load_seconds = time.perf_counter() - t
         log.debug("loaded %s in %.2f s", ckpt_dir, self.load_seconds)
 
@@ -162,9 +167,16 @@ class Predictor:
 def predict(clips: str | Path | Sequence[str | Path], checkpoint: str | Path | None = None,
             device: str = "auto") -> list[Prediction]:
     """Score a clip, a folder of clips or a list of clips with one loaded :class:`Predictor`."""
-    predictor = Predictor(checkpoint, device=device)
     paths = list_inputs(clips) if isinstance(clips, (str, Path)) else list(clips)
+    predictor = Predictor(checkpoint, device=device, preload_asr=_needs_asr(paths))
     return predictor.predict_many(paths)
+
+
+def _needs_asr(paths: Sequence[str | Path]) -> bool:
+    """True when some clip has no sidecar transcript, so speech recognition will run."""
+    from .extractors.asr import read_sidecar_transcript
+
+    return any(read_sidecar_transcript(Path(p)) is None for p in paths)
 
 
 def list_inputs(path: str | Path) -> list[Path]:
@@ -187,7 +199,7 @@ def run_predict_cli(input_path: Path, checkpoint: Path, *, json_out: bool = Fals
     if out is not None and out.suffix.lower() not in (".jsonl", ".csv", ".json"):
         raise AlmtError(f"{out}: --out must end in .jsonl or .csv")
     paths = list_inputs(input_path)
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, preload_asr=_needs_asr(paths))
     results = predictor.predict_many(paths, quiet=quiet)
     for r in results:
         if r.error is not None:

@@ -60,7 +60,7 @@ def warm(clip: Path, checkpoint: Path, repeats: int) -> tuple[float, list[float]
     from almt_pipeline import Predictor
 
     t = time.perf_counter()
-    p = Predictor(checkpoint, device="cpu")
+    p = Predictor(checkpoint, device="cpu", preload_asr=not clip.with_suffix(".txt").exists())
     p.predict(clip)  # first call pays one-time costs (JIT, lazy ASR load)
     first = time.perf_counter() - t
     times = []

@@ -104,16 +104,32 @@ class ClipExtractor:
         self.text_featurizer = text_featurizer or TextFeaturizer(
             cfg.model.text_model, cfg.model.text_len, device=self.device)
         self._transcriber: Any = None
+        self._transcriber_lock = threading.Lock()
 
     @property
     def transcriber(self) -> Any:
-        if self._transcriber is None:
-            from .asr import Transcriber
+        with self._transcriber_lock:
+            if self._transcriber is None:
+                from .asr import Transcriber
 
-            ex = self.cfg.extract
-            self._transcriber = Transcriber(ex.asr_model, language=ex.language,
-                                            device=_asr_device(self.device), cpu_threads=self.threads)
-        return self._transcriber
+                ex = self.cfg.extract
+                self._transcriber = Transcriber(ex.asr_model, language=ex.language,
+                                                device=_asr_device(self.device), cpu_threads=self.threads)
+            return self._transcriber
+
+    def preload_transcriber(self) -> threading.Thread:
+        """Start loading the speech recogniser in the background (its loading runs outside the GIL,
+        so it overlaps with the audio and face work of the first clip). Errors surface on use."""
+
+        def load() -> None:
+            try:
+                self.transcriber
+            except Exception:  # reported again, with its message, when the clip needs it
+                log.debug("background loading of the speech recogniser failed", exc_info=True)
+
+        thread = threading.Thread(target=load, name="asr-preload", daemon=True)
+        thread.start()
+        return thread
 
     def __call__(self, clip_path: str | Path, transcript: str | None = None,
                  transcript_source: str | None = None) -> ClipResult:
