@@ -137,3 +137,39 @@ def test_mmsa_loader_reads_extracted_file(workdir):
         item = ds[0]
         assert tuple(item["text"].shape) == (3, 50)
         assert tuple(item["audio"].shape) == (250, 33) and tuple(item["vision"].shape) == (60, 160)
+
+
+def _edited_checkpoint(workdir, tmp_path, edit):
+    ckpt = next((workdir / "runs").iterdir()) / "checkpoint"
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    meta = json.loads((copy / "config.json").read_text())
+    edit(meta)
+    (copy / "config.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_predict_refuses_features_the_extractors_cannot_make(workdir, data_dir, tmp_path):
+    def rename_feature(meta):
+        meta["feature_meta"]["feature_names"]["vision"][5] = "AU12_r"
+
+    ckpt = _edited_checkpoint(workdir, tmp_path, rename_feature)
+    line = one_line_error(invoke("predict", data_dir / "with_sidecar.mp4", "--checkpoint", ckpt))
+    assert "vision features" in line and "installed extractors produce" in line
+
+
+def test_predict_refuses_checkpoint_without_extraction_settings(workdir, data_dir, tmp_path):
+    """A checkpoint trained on an official pickle (no meta) cannot featurise raw clips."""
+    def drop_meta(meta):
+        meta["feature_meta"] = {}
+
+    ckpt = _edited_checkpoint(workdir, tmp_path, drop_meta)
+    line = one_line_error(invoke("predict", data_dir / "with_sidecar.mp4", "--checkpoint", ckpt))
+    assert "without extraction settings" in line
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]

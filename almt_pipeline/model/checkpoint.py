@@ -209,6 +209,7 @@ def replace_dir(tmp: Path, dst: Path) -> None:
     ``tmp`` is renamed into place and the old one deleted. ``recover_dir`` repairs a kill between
     the two renames.
     """
+    _usual_permissions(tmp)
     old = None
     if dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_OLD_TAG}", dir=dst.parent))
@@ -240,6 +241,15 @@ def recover_dir(dst: Path, cleanup: bool = True) -> None:
     for leftover in (*temps, *olds):
         if cleanup and leftover.exists():
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _usual_permissions(root: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; give a checkpoint the usual ones."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
