@@ -2,14 +2,17 @@
 #   make demo   set up .venv, then extract -> train -> predict on the bundled sample dataset
 #   make test   set up .venv, then run the test suite
 #
-# TORCH selects the PyTorch build installed first (default: the CPU build). On a CUDA machine use
-# e.g. `make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"`.
+# TORCH is the PyTorch requirement installed first, before anything can pull another build
+# (default: torch==2.13.0, whichever build your package index serves for it). To choose a build:
+#   CPU only:  make setup TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+#   CUDA:      make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 DEMO   := demo
 
 .PHONY: setup demo test test-fast bench clean
@@ -21,9 +24,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
-	# thuiar/MMSA's own data loader, only to test that it reads our feature files
-	$(BIN)/python -m pip install --quiet --no-deps "MMSA==2.2.1"
 	touch $(STAMP)
+
+# thuiar/MMSA's own data loader, installed without its dependencies only so the tests can check
+# that it reads the feature files written here.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps "MMSA==2.2.1"
+	touch $(TEST_STAMP)
 
 # The three-command flow in a scratch working directory, on the bundled sample dataset.
 demo: setup
@@ -32,10 +39,10 @@ demo: setup
 	cd $(DEMO) && ../$(BIN)/almt train
 	cd $(DEMO) && ../$(BIN)/almt predict ../samples/new_clip.mp4
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup

@@ -39,7 +39,7 @@ TextModelOpt = typer.Option(
     help="Override the config's text model: Hugging Face hub name or local path (BERT architecture).",
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars; warnings and results only.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or per-step messages; warnings, errors and final results only.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
 
 
@@ -53,6 +53,9 @@ def _one_line_errors(func):
         except AlmtError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1) from None
+        except OSError as e:  # unwritable output, full disk, ...: the message names the file
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(code=130) from None
@@ -63,6 +66,7 @@ def _one_line_errors(func):
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("almt_pipeline.results").setLevel(min(level, logging.INFO))  # even with --quiet
     for noisy in ("transformers", "huggingface_hub", "faster_whisper", "numba", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     try:  # transformers' per-load "Loading weights" bar is noise next to our own progress
@@ -270,7 +274,7 @@ def _new_run_dir(root: Path) -> Path:
 def _latest_run(root: Path) -> Path:
     from .errors import TrainingError
 
-    runs = [p for p in root.glob("*") if (p / "last").is_dir() or (p / "log.jsonl").exists()] if root.is_dir() else []
+    runs = [p for p in root.glob("*") if (p / "run.json").is_file()] if root.is_dir() else []
     if not runs:
         raise TrainingError(f"{root}: no run to resume here; pass --out RUN_DIR")
     return max(runs, key=lambda p: p.stat().st_mtime)

@@ -26,7 +26,7 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-BUILTIN_CONFIGS = ("default", "mosi", "mosei", "sims")
+BUILTIN_CONFIGS = ("default", "pyfeat", "mosi", "mosei", "sims")
 
 
 @dataclass
@@ -139,7 +139,7 @@ def load_config(name_or_path: str | Path) -> Config:
 
 def _read_config_text(name_or_path: str | Path) -> tuple[str, str]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         try:
             return path.read_text(encoding="utf-8"), str(path)
         except FileNotFoundError as e:

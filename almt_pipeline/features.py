@@ -1,7 +1,7 @@
 """The MMSA feature-file schema: read safely, validate, write, and fake for tests.
 
 A feature file is a pickled dict ``{"train": {...}, "valid": {...}, "test": {...}}`` whose splits
-hold equal-length arrays (see DATA.md). Files written here add a top-level ``"meta"`` dict of
+hold equal-length arrays (README, "The feature file"). Files written here add a top-level ``"meta"`` dict of
 plain builtins; MMSA's own loader only indexes ``data[split][key]`` and never sees it.
 
 Pickle runs code on load, so files are read with a restricted unpickler that can only rebuild
@@ -126,18 +126,26 @@ def safe_load_pickle(path: str | os.PathLike) -> object:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")  # streamed: a multi-GB file is not held twice in memory
     except FileNotFoundError as e:
         raise FeatureFileError(f"{path}: feature file not found") from e
+    except IsADirectoryError as e:
+        raise FeatureFileError(f"{path}: is a directory, not a feature file") from e
     except OSError as e:
         raise FeatureFileError(f"{path}: cannot read feature file ({e.strerror or e})") from e
-    if not data:
-        raise FeatureFileError(f"{path}: feature file is empty")
+    with f:
+        if not f.read(1):
+            raise FeatureFileError(f"{path}: feature file is empty")
+        return _unpickle_stream(f, path)
+
+
+def _unpickle_stream(f: io.BufferedReader, path: Path) -> object:
     last_error: Exception | None = None
     # py2-era pickles store raw array bytes as py2 ``str``: numpy documents encoding="latin1".
     for encoding in ("ASCII", "latin1"):
+        f.seek(0)
         try:
-            return _RestrictedUnpickler(io.BytesIO(data), source=str(path), encoding=encoding).load()
+            return _RestrictedUnpickler(f, source=str(path), encoding=encoding).load()
         except UnsafePickleError:
             raise
         except UnicodeDecodeError as e:

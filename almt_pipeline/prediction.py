@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 
-from .errors import AlmtError, CheckpointError
+from .errors import AlmtError, CheckpointError, DependencyError
 from .metrics import sentiment_class
 
 log = logging.getLogger(__name__)
@@ -154,12 +153,12 @@ class Predictor:
         for clip in tqdm(clips, unit="clip", disable=quiet or len(clips) < 2, desc="predict"):
             try:
                 out.append(self.predict(clip))
-            except AlmtError as e:
-                log.warning("%s", e)
+            except DependencyError:
+                raise  # a missing package fails every clip
+            except AlmtError as e:  # reported by the caller from Prediction.error
                 out.append(Prediction(path=str(clip), error=str(e)))
             except Exception as e:  # an extractor bug must not stop the batch
                 log.debug("unexpected failure on %s", clip, exc_info=True)
-                log.warning("%s: %s: %s", clip, type(e).__name__, e)
                 out.append(Prediction(path=str(clip), error=f"{clip}: {type(e).__name__}: {e}"))
         return out
 
@@ -196,7 +195,7 @@ def run_predict_cli(input_path: Path, checkpoint: Path, *, json_out: bool = Fals
     """What ``almt predict`` does: print each result, optionally write a file; -> failures."""
     import typer
 
-    if out is not None and out.suffix.lower() not in (".jsonl", ".csv", ".json"):
+    if out is not None and out.suffix.lower() not in (".jsonl", ".csv"):
         raise AlmtError(f"{out}: --out must end in .jsonl or .csv")
     paths = list_inputs(input_path)
     predictor = Predictor(checkpoint, device=device, preload_asr=_needs_asr(paths))
@@ -230,7 +229,7 @@ def format_prediction(r: Prediction) -> str:
 
 
 def write_predictions(path: Path, results: list[Prediction]) -> None:
-    """Write results as JSON lines (.jsonl/.json) or CSV (.csv), atomically."""
+    """Write results as JSON lines (.jsonl) or CSV (.csv), atomically."""
     from .utils import atomic_write_text
 
     rows = [r.to_dict() for r in results]

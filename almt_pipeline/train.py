@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from .errors import ConfigError, FeatureFileError, TrainingError
-from .utils import atomic_write, atomic_write_json, package_version, resolve_device, set_seed
+from .utils import atomic_write, atomic_write_json, package_version, resolve_device, results_log, set_seed
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ def _to_split(name: str, arrays: dict[str, np.ndarray]) -> _Split:
 
 def _feature_schema(data: Any) -> dict:
     """Feature meta stored in checkpoints: the file's meta (minus per-clip provenance) + shapes."""
-    meta = {k: v for k, v in dict(data.meta).items() if k not in ("sources", "transcript_sources")}
+    meta = {k: v for k, v in dict(data.meta).items()
+            if k not in ("sources", "transcript_sources", "face_fraction")}
     dims = data.dims
     meta["lengths"] = {"text": dims["text_len"], "audio": dims["audio_len"], "vision": dims["vision_len"]}
     meta["dims"] = {"text": dims["text_dim"], "audio": dims["audio_dim"], "vision": dims["vision_dim"]}
@@ -524,14 +525,19 @@ def train(cfg, data_path, out_dir, *, device: str = "auto", resume: bool = False
     if seeds and len(set(seeds)) != len(seeds):
         raise ConfigError(f"train.seeds lists a seed twice: {seeds}")
 
-    data = load_features(data_path, model_cfg=cfg.model, label_scale=t.label_scale)
+    # train and valid must be present and labelled; test is optional (metrics only when labelled)
+    data = load_features(data_path, model_cfg=cfg.model, label_scale=t.label_scale, splits=None,
+                         require_labels=False)
     scale = data.label_scale
     splits = {name: _to_split(name, arrays) for name, arrays in data.splits.items()}
     for name in ("train", "valid"):
-        if splits[name].n == 0:
-            raise TrainingError(f"{data_path}: the {name} split is empty; training needs train and valid samples")
-    if splits["test"].n == 0:
-        logger.warning("%s: the test split is empty; only validation metrics are reported", data_path)
+        if name not in splits or splits[name].n == 0:
+            raise TrainingError(f"{data_path}: no {name} samples; training needs labelled train and valid splits")
+        if not splits[name].labelled:
+            raise TrainingError(f"{data_path}: the {name} split has samples without labels; "
+                                "training needs labelled train and valid splits")
+    if "test" not in splits or not splits["test"].labelled:
+        logger.warning("%s: no labelled test split; only validation metrics are reported", data_path)
     _check_select_metric(t.select_metric, scale, splits["valid"])
     file_text_model = data.meta.get("text_model")
     if file_text_model and file_text_model != cfg.model.text_model:
@@ -575,7 +581,18 @@ def _check_select_metric(name: str, scale: str, valid: _Split) -> None:
             f"(choose from {', '.join(known)})"
         )
     if not valid.labelled:
-        raise TrainingError(f"the valid split has missing labels; it cannot select the checkpoint")
+        raise TrainingError("the valid split has missing labels; it cannot select the checkpoint")
+
+
+def _check_token_ids(splits: dict[str, _Split], vocab_size: int, text_model: str) -> None:
+    """Token ids beyond the text model's vocabulary mean the file was tokenized for another model."""
+    top = max(int(s.inputs[0][:, 0].max()) for s in splits.values() if s.n)
+    if top >= vocab_size:
+        raise TrainingError(
+            f"the feature file holds token id {top} but text model {text_model!r} has only {vocab_size} "
+            "tokens: it was tokenized for another text model; pass the one used by `almt extract` "
+            "with --text-model"
+        )
 
 
 def _build_model(cfg, device: torch.device):
@@ -607,6 +624,7 @@ def _train_seed(cfg, seed: int, run_dir: Path, *, splits: dict[str, _Split], sca
 
     set_seed(seed)
     model, tokenizer, text_config = _build_model(cfg, device)
+    _check_token_ids(splits, int(text_config["vocab_size"]), cfg.model.text_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(optimizer, t.epochs, t.warmup_ratio)
     amp = _amp_dtype(t.amp, device)
@@ -645,8 +663,8 @@ def _train_seed(cfg, seed: int, run_dir: Path, *, splits: dict[str, _Split], sca
                                   epoch, t.epochs, desc, quiet)
         record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
         for name in ("valid", "test"):
-            split = splits[name]
-            if split.n and split.labelled:
+            split = splits.get(name)
+            if split is not None and split.labelled:
                 pred = _predict(model, split, t.eval_batch_size, device, amp)
                 record[name] = _metrics(pred, split.labels.numpy(), scale)
         value = record["valid"][select]
@@ -691,14 +709,14 @@ def _train_seed(cfg, seed: int, run_dir: Path, *, splits: dict[str, _Split], sca
         "valid": best["valid"], "test": best["test"], "checkpoint": str(run_dir / CHECKPOINT_DIR),
         "train_time_s": round(sum(r["time_s"] for r in history), 3), "device": str(device),
     }
-    logger.info("%sselected epoch %d by valid %s = %.4f", desc, best["epoch"], select, best["value"])
+    results_log.info("%sselected epoch %d by valid %s = %.4f", desc, best["epoch"], select, best["value"])
     if best["test"]:
-        logger.info("%stest metrics of the selected epoch: %s", desc, _format_table(best["test"]))
+        results_log.info("%stest metrics of the selected epoch: %s", desc, _format_table(best["test"]))
     if show_test_selected:
         table = best_per_metric_on_test(history)
         summary["test_selected_best_per_metric"] = table
         if table:
-            logger.info(
+            results_log.info(
                 "%sbest per metric over all epochs ON TEST (test-selected, optimistic; not a sound "
                 "model selection):\n%s", desc,
                 "\n".join(f"  {k:<16} {v['value']:.4f}  (epoch {v['epoch']})" for k, v in table.items()),
@@ -744,9 +762,9 @@ def _summarise_seeds(cfg, run_dir: Path, summaries: dict[int, dict], scale: str,
         lines = "\n".join(
             f"  {k:<16} {agg['test_mean'][k]:.4f} ± {agg['test_std'][k]:.4f}" for k in agg["test_mean"]
         )
-        logger.info("test metrics over %d seeds (each selected by valid %s), mean ± std:\n%s",
+        results_log.info("test metrics over %d seeds (each selected by valid %s), mean ± std:\n%s",
                     len(seeds), select, lines)
-    logger.info("best seed by valid %s: %d (checkpoint copied to %s)", select, best_seed, run_dir / CHECKPOINT_DIR)
+    results_log.info("best seed by valid %s: %d (checkpoint copied to %s)", select, best_seed, run_dir / CHECKPOINT_DIR)
     return summary
 
 
@@ -787,9 +805,9 @@ def evaluate(checkpoint_dir, data_path, *, split: str = "test", predictions_path
     labels = s.labels.numpy()
     if s.labelled:
         result["metrics"] = _metrics(pred, labels, ckpt.label_scale)
-        logger.info("%s split (%d samples): %s", split, s.n, _format_table(result["metrics"]))
+        results_log.info("%s split (%d samples): %s", split, s.n, _format_table(result["metrics"]))
     else:
-        logger.info("%s split (%d samples) has no labels: predictions only", split, s.n)
+        results_log.info("%s split (%d samples) has no labels: predictions only", split, s.n)
     if predictions_path:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -798,7 +816,7 @@ def evaluate(checkpoint_dir, data_path, *, split: str = "test", predictions_path
             writer.writerow([i, f"{float(y):.6g}" if math.isfinite(y) else "", f"{float(p):.6f}"])
         with atomic_write(predictions_path, "w") as f:
             f.write(buf.getvalue())
-        logger.info("wrote %d predictions to %s", s.n, predictions_path)
+        results_log.info("wrote %d predictions to %s", s.n, predictions_path)
     return result
 
 

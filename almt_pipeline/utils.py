@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 import numpy as np
+
+# Final results (metrics, summaries) are logged here: the CLI shows them even with --quiet.
+results_log = logging.getLogger("almt_pipeline.results")
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """Weight import: released-code / MMSA key names -> our model, checked against a functional
-reference forward written directly over the source-named tensors (from ALMT.md)."""
+reference forward written directly over the source-named tensors (from the published architecture)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def _block(x, src, p, name, heads, key_mask=None):
 
 
 def reference_forward(p, cfg, fmt, bert, text_bert, audio, vision, audio_lengths=None, vision_lengths=None):
-    """ALMT.md written out over source-named tensors; masks only when lengths are given."""
+    """The published architecture written out over source-named tensors; masks only when lengths are given."""
     t = cfg.n_tokens
     ids, mask, seg = text_bert[:, 0].long(), text_bert[:, 1].long(), text_bert[:, 2].long()
     text = bert(input_ids=ids, attention_mask=mask, token_type_ids=seg)[0]  # (B, L, H)

@@ -39,7 +39,7 @@ LANDMARK_COLUMNS = [f"x_{i}" for i in range(N_LANDMARKS)] + [f"y_{i}" for i in r
 FRAME_COLUMN = "frame"
 
 NOT_INSTALLED = ("py-feat is not installed: pip install 'almt-pipeline[pyfeat]' (needs torchvision) "
-                 "or use --visual-backend landmarks")
+                 "or use the offline landmarks backend (--config default)")
 
 
 def pyfeat_feature_names(with_landmarks: bool) -> list[str]:

@@ -31,8 +31,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..config import Config, config_to_dict, load_config
-from ..errors import AlmtError, ConfigError, ExtractionError, MediaError
-from ..utils import atomic_write, atomic_write_text, package_version
+from ..errors import AlmtError, ConfigError, DependencyError, ExtractionError, MediaError
+from ..utils import atomic_write, atomic_write_text, package_version, results_log
 from .dataset import SPLITS, ClipSpec, discover, has_unimodal_labels
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class ClipExtractor:
             try:
                 self.transcriber
             except Exception:  # reported again, with its message, when the clip needs it
-                log.debug("background loading of the speech recogniser failed", exc_info=True)
+                logger.debug("background loading of the speech recogniser failed", exc_info=True)
 
         thread = threading.Thread(target=load, name="asr-preload", daemon=True)
         thread.start()
@@ -348,8 +348,9 @@ def check_feature_widths(cfg: Config, audio_featurizer: Any, face_featurizer: An
     if v != cfg.model.vision_dim:
         raise ConfigError(
             f"the '{cfg.extract.visual.backend}' face features are {v}-d but model.vision_dim is "
-            f"{cfg.model.vision_dim}: set model.vision_dim to {v} in the config (or change "
-            f"extract.visual)"
+            f"{cfg.model.vision_dim}: use a config made for this backend (e.g. --config "
+            f"{cfg.extract.visual.backend if cfg.extract.visual.backend == 'pyfeat' else 'default'}) "
+            f"or set model.vision_dim to {v}"
         )
 
 
@@ -574,7 +575,7 @@ def extract(input_path: str | Path, out_path: str | Path = "features.pkl", cfg: 
     save_features(out_path, splits, meta)
     summary.out_path = out_path
     summary.total_seconds = time.perf_counter() - t0
-    logger.info("%s", summary.to_text())
+    results_log.info("%s", summary.to_text())
     return summary
 
 
@@ -589,6 +590,8 @@ def _extract_one(extractor: ClipExtractor, spec: ClipSpec, cache_path: Path) -> 
     """Run one clip; every exception becomes a ClipFailure (KeyboardInterrupt passes through)."""
     try:
         result = extractor(spec.path, spec.text, spec.text_source)
+    except DependencyError:
+        raise  # a missing package or model fails every clip: stop the batch with one message
     except AlmtError as e:
         return ClipFailure(str(spec.path), spec.id, type(e).__name__, _one_line(e))
     except Exception as e:

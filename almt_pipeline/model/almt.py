@@ -1,7 +1,7 @@
 """ALMT: Adaptive Language-guided Multimodal Transformer (Zhang et al., EMNLP 2023).
 
 The whole network in one file. Every size comes from :class:`ModelConfig`; see
-``ALMT.md`` for the architecture this reproduces. Notation in the shape comments:
+the paper (arXiv 2310.05804) and its released code for the architecture this reproduces. Notation in the shape comments:
 B batch, L text tokens, T_a / T_v audio / vision frames, d_a / d_v their widths,
 H text-encoder width, D model width (``cfg.dim``), T summary tokens (``cfg.n_tokens``),
 h heads, e width of one head.
