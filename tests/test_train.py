@@ -256,3 +256,54 @@ def test_feature_width_mismatch_is_reported(tiny, tmp_path):
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, audio_dim=7))
     with pytest.raises(AlmtError, match="audio_dim"):
         train(cfg, data, tmp_path / "run", device="cpu", quiet=True)
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    raw = load_features(src).splits
+    splits = {k: dict(v) for k, v in raw.items()}
+    edit(splits)
+    save_features(dst, splits, {"label_scale": "mosi"})
+    return dst
+
+
+def test_test_split_is_optional(tiny, tmp_path):
+    """A file with labelled train/valid and no test split trains; only valid metrics exist."""
+    text_model, data = tiny
+    no_test = _rewrite(data, tmp_path / "no_test.pkl", lambda s: s.pop("test"))
+    summary = train(tiny_config(text_model, epochs=1), no_test, tmp_path / "run", device="cpu", quiet=True)
+    assert summary["test"] == {} and "MAE" in summary["valid"]
+
+
+def test_unlabelled_test_split_gives_valid_metrics_only(tiny, tmp_path):
+    text_model, data = tiny
+
+    def unlabel(s):
+        s["test"]["regression_labels"] = np.full_like(s["test"]["regression_labels"], np.nan)
+
+    path = _rewrite(data, tmp_path / "unlabelled_test.pkl", unlabel)
+    summary = train(tiny_config(text_model, epochs=1), path, tmp_path / "run", device="cpu", quiet=True)
+    assert summary["test"] == {}
+
+
+def test_train_split_needs_labels(tiny, tmp_path):
+    text_model, data = tiny
+
+    def unlabel(s):
+        s["train"]["regression_labels"] = np.full_like(s["train"]["regression_labels"], np.nan)
+
+    path = _rewrite(data, tmp_path / "unlabelled_train.pkl", unlabel)
+    with pytest.raises(TrainingError, match="train split has samples without labels"):
+        train(tiny_config(text_model, epochs=1), path, tmp_path / "run", device="cpu", quiet=True)
+
+
+def test_token_ids_outside_the_text_models_vocabulary(tiny, tmp_path):
+    """A file tokenized for a bigger vocabulary is refused before training, with the fix."""
+    text_model, data = tiny
+
+    def big_ids(s):
+        s["train"]["text_bert"] = s["train"]["text_bert"].copy()
+        s["train"]["text_bert"][0, 0, 1] = 40000.0
+
+    path = _rewrite(data, tmp_path / "big_ids.pkl", big_ids)
+    with pytest.raises(TrainingError, match="token id 40000 .* --text-model"):
+        train(tiny_config(text_model, epochs=1), path, tmp_path / "run", device="cpu", quiet=True)
