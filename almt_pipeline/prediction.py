@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -99,15 +100,15 @@ class Predictor:
         from .utils import resolve_device
 
         ckpt_dir = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint()
+        # Whisper loads in C++ outside the GIL: start it first, so it overlaps the imports below
+        asr = _start_loading_asr(ckpt_dir) if preload_asr else None
         self.device = resolve_device(device)
         t = time.perf_counter()
         self.checkpoint = load_checkpoint(ckpt_dir, device=self.device)
         self.path = ckpt_dir
         self.cfg = _extraction_config(self.checkpoint, ckpt_dir)
         self.label_scale = self.checkpoint.label_scale
-        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir)
-        if preload_asr:
-            self.extractor.preload_transcriber()
+        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir, transcriber=asr)
         self.load_seconds = time.perf_counter() - t
         log.debug("loaded %s in %.2f s", ckpt_dir, self.load_seconds)
 
@@ -270,14 +271,36 @@ def _extraction_config(ckpt: Any, ckpt_dir: Path) -> Any:
         ) from e
 
 
-def _make_extractor(cfg: Any, ckpt: Any, ckpt_dir: Path) -> Any:
+def _start_loading_asr(ckpt_dir: Path) -> Future | None:
+    """Load the checkpoint's speech recogniser in a background thread; None if unknown."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:  # a light read: the full checkpoint load validates everything later
+        meta = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
+        settings = meta["feature_meta"]["extract"]
+        model, language = settings["asr_model"], settings.get("language")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+    def load() -> Any:
+        from .extractors.asr import Transcriber
+
+        return Transcriber(model, language=language, device="cpu")
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-preload")
+    future = pool.submit(load)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _make_extractor(cfg: Any, ckpt: Any, ckpt_dir: Path, transcriber: Any = None) -> Any:
     """A ClipExtractor whose features match the checkpoint's feature names exactly."""
     from .extractors.runner import ClipExtractor
 
     from .extractors.text import TextFeaturizer
 
     text = TextFeaturizer(str(ckpt_dir), cfg.model.text_len, tokenizer=ckpt.tokenizer)  # ids only
-    extractor = ClipExtractor(cfg, device="cpu", text_featurizer=text)
+    extractor = ClipExtractor(cfg, device="cpu", text_featurizer=text, transcriber=transcriber)
     expected = (ckpt.feature_meta or {}).get("feature_names") or {}
     produced = {
         "audio": list(extractor.audio_featurizer.feature_names),

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -92,7 +92,8 @@ class ClipExtractor:
     """
 
     def __init__(self, cfg: Config, device: str = "cpu", *, audio_featurizer: Any = None,
-                 face_featurizer: Any = None, text_featurizer: Any = None, threads: int | None = None):
+                 face_featurizer: Any = None, text_featurizer: Any = None, transcriber: Any = None,
+                 threads: int | None = None):
         from .text import TextFeaturizer
 
         self.cfg = cfg
@@ -103,12 +104,15 @@ class ClipExtractor:
         check_feature_widths(cfg, self.audio_featurizer, self.face_featurizer)
         self.text_featurizer = text_featurizer or TextFeaturizer(
             cfg.model.text_model, cfg.model.text_len, device=self.device)
-        self._transcriber: Any = None
+        # a Transcriber, a Future that yields one (loading in the background), or None: load on need
+        self._transcriber: Any = transcriber
         self._transcriber_lock = threading.Lock()
 
     @property
     def transcriber(self) -> Any:
         with self._transcriber_lock:
+            if isinstance(self._transcriber, Future):
+                self._transcriber = self._transcriber.result()  # a loading error is raised here
             if self._transcriber is None:
                 from .asr import Transcriber
 
@@ -116,20 +120,6 @@ class ClipExtractor:
                 self._transcriber = Transcriber(ex.asr_model, language=ex.language,
                                                 device=_asr_device(self.device), cpu_threads=self.threads)
             return self._transcriber
-
-    def preload_transcriber(self) -> threading.Thread:
-        """Start loading the speech recogniser in the background (its loading runs outside the GIL,
-        so it overlaps with the audio and face work of the first clip). Errors surface on use."""
-
-        def load() -> None:
-            try:
-                self.transcriber
-            except Exception:  # reported again, with its message, when the clip needs it
-                logger.debug("background loading of the speech recogniser failed", exc_info=True)
-
-        thread = threading.Thread(target=load, name="asr-preload", daemon=True)
-        thread.start()
-        return thread
 
     def __call__(self, clip_path: str | Path, transcript: str | None = None,
                  transcript_source: str | None = None) -> ClipResult:
