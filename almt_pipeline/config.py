@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .utils import first_line as _first_line
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUILTIN_CONFIGS = ("default", "pyfeat", "mosi", "mosei", "sims")
@@ -288,7 +289,3 @@ def _closest(word: str, candidates: list[str]) -> str | None:
 
     found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return found[0] if found else None
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -28,7 +28,7 @@ from .metrics import sentiment_class
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR = "checkpoint"  # the run subfolder `almt train` writes (train.CHECKPOINT_DIR)
 
 # Class names on each label scale (the Acc-7 / Acc-5 classes of the metrics).
 MOSI_CLASSES = {

@@ -41,6 +41,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .errors import ConfigError, FeatureFileError, TrainingError
 from .utils import atomic_write, atomic_write_json, package_version, resolve_device, results_log, set_seed
+from .utils import first_line as _first_line
 
 logger = logging.getLogger(__name__)
 
@@ -831,9 +832,6 @@ def _check_feature_names(ckpt_meta: dict, file_meta: dict, ckpt_dir: Path, data_
             )
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 __all__ = ["train", "evaluate", "lr_factor", "lr_at_epoch", "make_scheduler", "load_run_config",

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExtractionError
+from ..features import SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
 UNIMODAL_COLUMNS = ("label_T", "label_A", "label_V")
 MODE_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "dev": "valid",
                 "validation": "valid", "test": "test"}
-SPLITS = ("train", "valid", "test")
 SKIP_DIRS = (".almt_cache",)
 
 

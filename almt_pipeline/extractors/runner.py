@@ -33,11 +33,11 @@ import numpy as np
 from ..config import Config, config_to_dict, load_config
 from ..errors import AlmtError, ConfigError, DependencyError, ExtractionError, MediaError
 from ..utils import atomic_write, atomic_write_text, package_version, results_log
+from .asr import ASR_SAMPLE_RATE
 from .dataset import SPLITS, ClipSpec, discover, has_unimodal_labels
 
 logger = logging.getLogger(__name__)
 
-ASR_SAMPLE_RATE = 16000  # Whisper models take 16 kHz mono
 PREFETCH_SECONDS = 2.0  # decoded frames read ahead of the face featurizer (seconds of video)
 PREFETCH_MIN_FRAMES = 4
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning

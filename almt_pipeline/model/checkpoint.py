@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..utils import atomic_write_json, package_version
+from ..utils import atomic_write_json, current_umask, package_version
+from ..utils import first_line as _first_line
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +246,7 @@ def recover_dir(dst: Path, cleanup: bool = True) -> None:
 
 def _usual_permissions(root: Path) -> None:
     """mkdtemp/mkstemp create private (0700/0600) entries; give a checkpoint the usual ones."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = current_umask()
     os.chmod(root, 0o777 & ~mask)
     for p in root.rglob("*"):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
@@ -327,8 +327,3 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from .almt import ALMT
+from ..utils import first_line as _first_line
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,6 @@ def _strip_wrappers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return sd
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _summary(items: list[str], limit: int = 6) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import DEFAULT_TEXT_MODEL
 from ..errors import TextModelError
+from ..utils import first_line as _first_line
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,6 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_bert(config: Any, name: str) -> None:
