@@ -107,9 +107,6 @@ def save_checkpoint(
         }
         # config.json is written last: a temporary directory holding it is complete.
         atomic_write_json(tmp / CONFIG_FILE, meta)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_file(f)
         replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,9 +191,6 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_TMP_TAG}", dir=dst.parent))
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_file(f)
         replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,6 +204,9 @@ def replace_dir(tmp: Path, dst: Path) -> None:
     ``tmp`` is renamed into place and the old one deleted. ``recover_dir`` repairs a kill between
     the two renames.
     """
+    for f in tmp.rglob("*"):  # contents on disk before the rename makes them visible
+        if f.is_file():
+            _fsync_file(f)
     _usual_permissions(tmp)
     old = None
     if dst.exists():
