@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 DEMO   := demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ test: $(TEST_STAMP)
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Static checks: ruff (style, imports, likely bugs) and mypy (types of the package; settings in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check almt_pipeline tests benchmarks scripts
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/train_speed.py

@@ -5,6 +5,14 @@ Library entry points (imported lazily, so ``import almt_pipeline`` stays fast):
 ``almt_pipeline.train`` (``train``, ``evaluate``).
 """
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers (nothing is imported at run time)
+    from .config import load_config as load_config
+    from .extractors.runner import extract as extract
+    from .prediction import Predictor as Predictor
+    from .prediction import predict as predict
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -15,7 +23,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

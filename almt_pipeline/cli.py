@@ -11,14 +11,21 @@ environment are printed as one line (``error: ...``) with a non-zero exit status
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, TypeVar
 
 import typer
 
-from .errors import AlmtError
+from .config import BUILTIN_CONFIGS, EXTRACTION_CONFIGS, Config, load_config, replace_config
+from .errors import AlmtError, ConfigError
+from .schema import SPLITS, check_split
+
+# The commands' modules import torch and transformers: they are imported inside the commands so
+# that `almt --help` and argument errors answer at once.
 
 app = typer.Typer(
     add_completion=False,
@@ -28,26 +35,29 @@ app = typer.Typer(
 )
 
 DEFAULT_FEATURES = Path("features.pkl")
-DEFAULT_RUNS = Path("runs")
+F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = typer.Option(
     "default", "--config", "-c",
-    help="Built-in config (default, mosi, mosei, sims) or a YAML file.",
+    help=f"Built-in config ({', '.join(BUILTIN_CONFIGS)}) or a YAML file.",
 )
 TextModelOpt = typer.Option(
     None, "--text-model",
     help="Override the config's text model: Hugging Face hub name or local path (BERT architecture).",
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or per-step messages; warnings, errors and final results only.")
+QuietOpt = typer.Option(
+    False, "--quiet", "-q",
+    help="No progress bars or per-step messages; warnings, errors and final results only.",
+)
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
 
 
-def _one_line_errors(func):
+def _one_line_errors(func: F) -> F:
     """Turn library errors into ``error: <message>`` and exit status 1, without a traceback."""
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except AlmtError as e:
@@ -60,7 +70,7 @@ def _one_line_errors(func):
             typer.echo("interrupted", err=True)
             raise typer.Exit(code=130) from None
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]
 
 
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
@@ -77,10 +87,8 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
         pass
 
 
-def _load_config(config, text_model: Optional[str], **sections):
+def _load_config(config: str | Config, text_model: str | None, **sections: dict[str, Any]) -> Config:
     """A config by name/path (or an already loaded one) with command-line overrides applied."""
-    from .config import Config, load_config, replace_config
-
     cfg = config if isinstance(config, Config) else load_config(config)
     model = dict(sections.pop("model", {}))
     if text_model is not None:
@@ -93,14 +101,30 @@ def _load_config(config, text_model: Optional[str], **sections):
 def extract(
     input: Path = typer.Argument(..., help="A dataset folder (label.csv + Raw/), a folder of clips, or one clip."),
     out: Path = typer.Option(DEFAULT_FEATURES, "--out", "-o", help="Feature file to write (MMSA pickle)."),
-    config: str = ConfigOpt,
-    text_model: Optional[str] = TextModelOpt,
-    visual_backend: Optional[str] = typer.Option(None, "--visual-backend", help="landmarks (offline, dlib) or pyfeat."),
-    fps: Optional[float] = typer.Option(None, "--fps", help="Video frames sampled per second (config: extract.visual.fps)."),
-    asr_model: Optional[str] = typer.Option(None, "--asr-model", help="faster-whisper model name or path for clips without a transcript."),
+    config: str = typer.Option(
+        "default", "--config", "-c",
+        help=f"Extraction config ({', '.join(EXTRACTION_CONFIGS)}) or a YAML file; its extract section "
+             "and model lengths/widths are used.",
+    ),
+    text_model: str | None = TextModelOpt,
+    visual_backend: str | None = typer.Option(None, "--visual-backend", help="landmarks (offline, dlib) or pyfeat."),
+    fps: float | None = typer.Option(
+        None, "--fps",
+        help="Video frames sampled per second (config: extract.visual.fps).",
+    ),
+    asr_model: str | None = typer.Option(
+        None, "--asr-model",
+        help="faster-whisper model name or path for clips without a transcript.",
+    ),
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Clips processed in parallel."),
-    unlabeled_split: str = typer.Option("test", "--unlabeled-split", help="Split that receives clips without labels."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Per-clip cache (default: .almt_cache next to --out)."),
+    unlabeled_split: str = typer.Option(
+        "test", "--unlabeled-split",
+        help=f"Split that receives clips without labels ({', '.join(SPLITS)}).",
+    ),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir",
+        help="Per-clip cache (default: .almt_cache next to --out).",
+    ),
     device: str = typer.Option("cpu", "--device", help="Device for the text and ASR models."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -109,8 +133,12 @@ def extract(
     _setup_logging(quiet, verbose)
     from .extractors.runner import extract as run_extract
 
-    if unlabeled_split not in ("train", "valid", "test"):
-        raise typer.BadParameter("must be train, valid or test", param_hint="--unlabeled-split")
+    check_split(unlabeled_split, "--unlabeled-split")
+    if config in BUILTIN_CONFIGS and config not in EXTRACTION_CONFIGS:
+        raise ConfigError(
+            f"--config {config} is a training config for the official feature files; extraction "
+            f"takes {' or '.join(EXTRACTION_CONFIGS)} (or a YAML file)"
+        )
     cfg = _load_config(
         config, text_model,
         extract={"visual.backend": visual_backend, "visual.fps": fps, "asr_model": asr_model},
@@ -126,30 +154,53 @@ def extract(
 @app.command()
 @_one_line_errors
 def train(
-    config: Optional[str] = typer.Option(
+    config: str | None = typer.Option(
         None, "--config", "-c",
-        help="Built-in config (default, mosi, mosei, sims) or a YAML file (default: default; with --resume: the run's own config).",
+        help=f"Built-in config ({', '.join(BUILTIN_CONFIGS)}) or a YAML file "
+             "(default: default; with --resume: the run's own config).",
     ),
     data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<date-time>; with --resume: the newest run)."),
-    text_model: Optional[str] = TextModelOpt,
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Number of epochs (config: train.epochs)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Training batch size (config: train.batch_size)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (config: train.lr)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (config: train.seed)."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 1111,1112,1113: one run each, mean +- std."),
-    patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Early stopping after this many epochs without improvement."),
-    select_metric: Optional[str] = typer.Option(None, "--select-metric", help="Validation metric that selects the checkpoint (config: train.select_metric)."),
-    masked: Optional[bool] = typer.Option(None, "--masked/--unmasked", help="Mask padding using the lengths (the released ALMT code does not)."),
-    amp: Optional[str] = typer.Option(None, "--amp", help="Mixed precision on CUDA: none, bf16 or fp16."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o",
+        help="Run directory (default: runs/<date-time>; with --resume: the newest run).",
+    ),
+    text_model: str | None = TextModelOpt,
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Number of epochs (config: train.epochs)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1,
+        help="Training batch size (config: train.batch_size).",
+    ),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (config: train.lr)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (config: train.seed)."),
+    seeds: str | None = typer.Option(
+        None, "--seeds",
+        help="Comma-separated seeds, e.g. 1111,1112,1113: one run each, mean +- std.",
+    ),
+    patience: int | None = typer.Option(
+        None, "--patience", min=1,
+        help="Early stopping after this many epochs without improvement.",
+    ),
+    select_metric: str | None = typer.Option(
+        None, "--select-metric",
+        help="Validation metric that selects the checkpoint (config: train.select_metric).",
+    ),
+    masked: bool | None = typer.Option(
+        None, "--masked/--unmasked",
+        help="Mask padding using the lengths (the released ALMT code does not).",
+    ),
+    amp: str | None = typer.Option(None, "--amp", help="Mixed precision on CUDA: none, bf16 or fp16."),
     device: str = DeviceOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished epoch."),
-    show_test_selected: bool = typer.Option(False, "--show-test-selected", help="Also print the reference-style best-per-metric table selected on TEST (not sound model selection)."),
+    show_test_selected: bool = typer.Option(
+        False, "--show-test-selected",
+        help="Also print the reference-style best-per-metric table selected on TEST (not sound model selection).",
+    ),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Train ALMT on a feature file; the checkpoint is selected on the validation split."""
     _setup_logging(quiet, verbose)
+    from .runs import latest_run, load_run_config, new_run_dir
     from .train import train as run_train
 
     seed_list = None
@@ -157,15 +208,11 @@ def train(
         try:
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
-            raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds")
+            raise ConfigError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
     if out is None:
-        out = _latest_run(DEFAULT_RUNS) if resume else _new_run_dir(DEFAULT_RUNS)
-    if config is None and resume:
-        from .train import load_run_config
-
-        base = load_run_config(out)  # a resumed run keeps the settings it started with
-    else:
-        base = config or "default"
+        out = latest_run() if resume else new_run_dir()
+    # a resumed run keeps the settings it started with
+    base: str | Config = load_run_config(out) if config is None and resume else config or "default"
     cfg = _load_config(
         base, text_model,
         model={"masked": masked},
@@ -180,22 +227,31 @@ def train(
 @app.command()
 @_one_line_errors
 def evaluate(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint directory (default: the newest under runs/)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint",
+        help="Checkpoint directory (default: the newest under runs/).",
+    ),
     data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
-    split: str = typer.Option("test", "--split", help="train, valid or test."),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write per-sample predictions (id, label, prediction) to this CSV."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    split: str = typer.Option("test", "--split", help=f"Split to score ({', '.join(SPLITS)})."),
+    predictions: Path | None = typer.Option(
+        None, "--predictions",
+        help="Write per-sample predictions (id, label, prediction) to this CSV.",
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1,
+        help="Samples per batch (default: the checkpoint config's train.eval_batch_size).",
+    ),
     device: str = DeviceOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Score a checkpoint on one split of a feature file."""
     _setup_logging(quiet, verbose)
-    from .train import evaluate as run_evaluate
+    from .evaluate import evaluate as run_evaluate
+    from .runs import find_latest_checkpoint
 
-    if split not in ("train", "valid", "test"):
-        raise typer.BadParameter("must be train, valid or test", param_hint="--split")
-    ckpt = checkpoint if checkpoint is not None else _latest_checkpoint()
+    check_split(split, "--split")
+    ckpt = checkpoint if checkpoint is not None else find_latest_checkpoint()
     run_evaluate(ckpt, data, split=split, predictions_path=predictions, device=device,
                  batch_size=batch_size, quiet=quiet)
 
@@ -204,19 +260,38 @@ def evaluate(
 @_one_line_errors
 def predict(
     input: Path = typer.Argument(..., help="A clip or a folder of clips."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint directory (default: the newest under runs/)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint",
+        help="Checkpoint directory (default: the newest under runs/).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per clip instead of text."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write results to a .jsonl or .csv file."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also write results to a .jsonl or .csv file."),
     device: str = DeviceOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
     """Predict the sentiment of new clips with a trained checkpoint."""
     _setup_logging(quiet, verbose)
-    from .prediction import run_predict_cli
+    from .prediction import Predictor, format_prediction, list_inputs, needs_asr, start_loading_asr, write_predictions
+    from .runs import find_latest_checkpoint
 
-    ckpt = checkpoint if checkpoint is not None else _latest_checkpoint()
-    failed = run_predict_cli(input, ckpt, json_out=json_out, out=out, device=device, quiet=quiet)
+    if out is not None and out.suffix.lower() not in (".jsonl", ".csv"):
+        raise ConfigError(f"{out}: --out must end in .jsonl or .csv")
+    ckpt = checkpoint if checkpoint is not None else find_latest_checkpoint()
+    clips = list_inputs(input)
+    asr = start_loading_asr(ckpt) if needs_asr(clips) else None
+    results = Predictor(ckpt, device=device, transcriber=asr).predict_many(clips, quiet=quiet)
+    for r in results:
+        if r.error is not None:
+            typer.secho(f"error: {r.error}", fg=typer.colors.RED, err=True)
+            if not json_out:
+                continue
+        typer.echo(json.dumps(r.to_dict(), ensure_ascii=False) if json_out else format_prediction(r))
+    if out is not None:
+        write_predictions(out, results)
+    failed = sum(r.error is not None for r in results)
+    if len(results) > 1 and not json_out:
+        typer.echo(f"{len(results) - failed} clip(s) scored, {failed} failed")
     if failed:
         raise typer.Exit(code=1)
 
@@ -225,7 +300,7 @@ def predict(
 @_one_line_errors
 def describe(
     config: str = ConfigOpt,
-    text_model: Optional[str] = TextModelOpt,
+    text_model: str | None = TextModelOpt,
 ) -> None:
     """Print the model's parameter counts, excluding and including the text model."""
     _setup_logging(True)
@@ -245,7 +320,7 @@ def import_weights(
     file: Path = typer.Argument(..., help="State dict (.pt/.pth/.bin or .safetensors) of an ALMT trained elsewhere."),
     format: str = typer.Option(..., "--format", help="official (the paper's released code) or mmsa (thuiar/MMSA)."),
     config: str = ConfigOpt,
-    text_model: Optional[str] = TextModelOpt,
+    text_model: str | None = TextModelOpt,
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to create."),
 ) -> None:
     """Convert released ALMT weights into a self-contained checkpoint."""
@@ -257,33 +332,6 @@ def import_weights(
     cfg = _load_config(config, text_model)
     run_import(file, format, cfg, None, out)
     typer.echo(f"checkpoint written to {out}")
-
-
-def _new_run_dir(root: Path) -> Path:
-    import time
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / stamp
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{stamp}-{n}"
-    return path
-
-
-def _latest_run(root: Path) -> Path:
-    from .errors import TrainingError
-
-    runs = [p for p in root.glob("*") if (p / "run.json").is_file()] if root.is_dir() else []
-    if not runs:
-        raise TrainingError(f"{root}: no run to resume here; pass --out RUN_DIR")
-    return max(runs, key=lambda p: p.stat().st_mtime)
-
-
-def _latest_checkpoint() -> Path:
-    from .prediction import find_latest_checkpoint
-
-    return find_latest_checkpoint(DEFAULT_RUNS)
 
 
 def main() -> None:

@@ -2,7 +2,10 @@
 
 A config has three sections: ``model`` (ALMT sizes and the text model), ``train`` (optimisation
 and model selection) and ``extract`` (how features are made from raw clips). Loading is strict:
-an unknown or misspelt key is an error naming it, and values are type-checked. Configs are never
+an unknown or misspelt key is an error naming it, and values are type-checked. Each numeric
+field's range (``_size``: at least 1; ``_bounded``: a :class:`Bound`) and each string field's
+choices (``_choice``) are declared on the field itself and enforced by one loop over the fields,
+so a bad value is one line naming the key, the rule and the value. Configs are never
 mutated while running; values that depend on data (e.g. the text model's hidden size) are
 resolved next to the config, not written back into it.
 
@@ -14,6 +17,7 @@ ALMT hyperparameters).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,10 +28,49 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .utils import first_line as _first_line
+from .metrics import SCALES
+from .utils import one_line
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BUILTIN_CONFIGS = ("default", "pyfeat", "mosi", "mosei", "sims")
+EXTRACTION_CONFIGS = ("default", "pyfeat")  # built-ins whose model widths match the extractors
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric config field admits: at least ``low`` (greater than ``low`` when
+    ``low_open``) and, when ``high`` is set, below ``high``. NaN and infinities are never admitted."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def describe(self) -> str:
+        """E.g. ``at least 1``, ``greater than 0``, ``in [0, 1)``."""
+        if self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g})"
+        return f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+
+
+def _bounded(default: Any, low: float, high: float | None = None, *, low_open: bool = False) -> Any:
+    """A field whose value (when not null) must lie within ``Bound(low, high, low_open)``."""
+    return field(default=default, metadata={"bound": Bound(low, high, low_open)})
+
+
+def _size(default: int | None) -> Any:
+    """An integer field that must be at least 1: a length, width, count or depth."""
+    return _bounded(default, 1)
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A string field that must be one of ``choices``."""
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass
@@ -35,67 +78,72 @@ class ModelConfig:
     """ALMT sizes. Input widths and max lengths must match the feature file."""
 
     text_model: str = DEFAULT_TEXT_MODEL  # Hugging Face hub name or local path (BERT architecture)
-    text_len: int = 50  # L: tokens per sample
-    audio_dim: int = 33  # d_a
-    audio_len: int = 250  # T_a max
-    vision_dim: int = 160  # d_v (landmarks backend)
-    vision_len: int = 60  # T_v max
-    dim: int = 128  # D: model width
-    n_tokens: int = 8  # T: summary tokens per modality
+    text_len: int = _size(50)  # L: tokens per sample
+    audio_dim: int = _size(33)  # d_a
+    audio_len: int = _size(250)  # T_a max
+    vision_dim: int = _size(160)  # d_v (landmarks backend)
+    vision_len: int = _size(60)  # T_v max
+    dim: int = _size(128)  # D: model width
+    n_tokens: int = _size(8)  # T: summary tokens per modality
     # modality embedding (one pre-norm transformer per modality)
-    embed_depth: int = 1
-    embed_heads: int = 8
-    embed_dim_head: int = 64
-    embed_mlp_dim: int = 128
+    embed_depth: int = _size(1)
+    embed_heads: int = _size(8)
+    embed_dim_head: int = _size(64)
+    embed_mlp_dim: int = _size(128)
     # adaptive hyper-modality learning; the language-scale transformer has ahl_depth - 1 blocks
-    ahl_depth: int = 3
-    ahl_heads: int = 8
-    ahl_dim_head: int = 16
-    lang_heads: int = 8
-    lang_dim_head: int = 64
-    lang_mlp_dim: int = 128
+    ahl_depth: int = _size(3)
+    ahl_heads: int = _size(8)
+    ahl_dim_head: int = _size(16)
+    lang_heads: int = _size(8)
+    lang_dim_head: int = _size(64)
+    lang_mlp_dim: int = _size(128)
     # cross-modality fusion
-    fusion_depth: int = 2
-    fusion_heads: int = 8
-    fusion_dim_head: int = 64
-    fusion_mlp_dim: int = 128
-    dropout: float = 0.0
+    fusion_depth: int = _size(2)
+    fusion_heads: int = _size(8)
+    fusion_dim_head: int = _size(64)
+    fusion_mlp_dim: int = _size(128)
+    dropout: float = _bounded(0.0, 0.0, 1.0)  # in [0, 1)
     masked: bool = False  # key-padding masks from lengths (released code: False)
+    # attention computed by Attention.forward_fast (LayerNorm affines folded into Q/K/V, few-query
+    # blocks projected on the query side) instead of the reference Attention.forward: the same
+    # function and parameters, faster training. false: the plain reference path.
+    fast_attention: bool = True
 
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    epochs: int = 200
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of epochs, then cosine
+    lr: float = _bounded(1e-4, 0.0, low_open=True)
+    weight_decay: float = _bounded(1e-4, 0.0)
+    batch_size: int = _size(64)
+    epochs: int = _size(200)
+    warmup_ratio: float = _bounded(0.1, 0.0, 1.0)  # linear warm-up over this fraction of epochs, then cosine
     seed: int = 7
     seeds: list[int] | None = None  # several seeds -> mean +- std
     select_metric: str = "MAE"  # validation metric that selects the checkpoint
-    patience: int | None = None  # early stopping (epochs without improvement); None = off
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    grad_clip: float | None = None
-    eval_batch_size: int = 128
-    label_scale: str = "auto"  # auto | mosi ([-3, 3]) | sims ([-1, 1])
+    patience: int | None = _size(None)  # early stopping (epochs without improvement); None = off
+    amp: str = _choice("none", ("none", "bf16", "fp16"))  # fp16 / bf16: CUDA only
+    grad_clip: float | None = _bounded(None, 0.0, low_open=True)  # max gradient norm; None = off
+    eval_batch_size: int = _size(128)
+    # auto (from the data) | mosi ([-3, 3]) | mosei (as mosi) | sims ([-1, 1])
+    label_scale: str = _choice("auto", ("auto", *SCALES))
 
 
 @dataclass
 class AudioConfig:
-    sample_rate: int = 22050
-    hop_length: int = 512
-    n_fft: int = 2048
+    sample_rate: int = _size(22050)
+    hop_length: int = _size(512)
+    n_fft: int = _size(2048)
     features: list[str] = field(default_factory=lambda: ["zcr", "mfcc", "chroma_cqt"])
-    n_mfcc: int = 20
-    n_chroma: int = 12
+    n_mfcc: int = _size(20)
+    n_chroma: int = _size(12)
 
 
 @dataclass
 class VisualConfig:
-    backend: str = "landmarks"  # landmarks (dlib, offline) | pyfeat
-    fps: float = 10.0  # frames sampled per second of video
-    max_side: int = 320  # frames are downscaled so the longer side is at most this
-    detect_every: int = 5  # landmarks backend: run the face detector every N sampled frames
+    backend: str = _choice("landmarks", ("landmarks", "pyfeat"))  # landmarks (dlib, offline) | pyfeat
+    fps: float = _bounded(10.0, 0.0, low_open=True)  # frames sampled per second of video
+    max_side: int = _size(320)  # frames are downscaled so the longer side is at most this
+    detect_every: int = _size(5)  # landmarks backend: run the face detector every N sampled frames
     pyfeat_landmarks: bool = False  # pyfeat backend: also output the 68 landmarks
     pyfeat_device: str = "auto"
 
@@ -106,7 +154,7 @@ class ExtractConfig:
     language: str | None = "en"
     audio: AudioConfig = field(default_factory=AudioConfig)
     visual: VisualConfig = field(default_factory=VisualConfig)
-    min_duration: float = 0.5  # seconds; a shorter clip is reported as bad
+    min_duration: float = _bounded(0.5, 0.0)  # seconds; a shorter clip is reported as bad
 
 
 @dataclass
@@ -117,20 +165,13 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
 
-_CHOICES = {
-    ("train", "amp"): ("none", "bf16", "fp16"),
-    ("train", "label_scale"): ("auto", "mosi", "sims"),
-    ("extract", "visual", "backend"): ("landmarks", "pyfeat"),
-}
-
-
 def load_config(name_or_path: str | Path) -> Config:
     """Load a built-in config by name (``default``, ``mosi``, ``mosei``, ``sims``) or a YAML file."""
     text, source = _read_config_text(name_or_path)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({_first_line(e)})") from e
+        raise ConfigError(f"{source}: not valid YAML ({one_line(e)})") from e
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -215,7 +256,7 @@ def _build(cls: type, raw: Any, source: str, where: tuple[str, ...]) -> Any:
 
 def _coerce(tp: Any, value: Any, source: str, where: tuple[str, ...]) -> Any:
     key = ".".join(where)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, source, where)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -252,36 +293,38 @@ def _coerce(tp: Any, value: Any, source: str, where: tuple[str, ...]) -> Any:
     raise AssertionError(f"unsupported config type {tp} for {key}")
 
 
+def check_model_config(m: ModelConfig, source: str = "model config") -> None:
+    """The declared bounds of a ModelConfig built in code (loaded configs are checked on load)."""
+    _check_fields(m, source, ("model",))
+
+
 def _check(cfg: Config, source: str) -> None:
-    for path, allowed in _CHOICES.items():
-        value: Any = cfg
-        for p in path:
-            value = getattr(value, p)
-        if value not in allowed:
-            raise ConfigError(
-                f"{source}: '{'.'.join(path)}' must be one of {', '.join(allowed)}, got {value!r}"
-            )
-    m, t = cfg.model, cfg.train
-    positive = {
-        "model.text_len": m.text_len, "model.audio_dim": m.audio_dim, "model.audio_len": m.audio_len,
-        "model.vision_dim": m.vision_dim, "model.vision_len": m.vision_len, "model.dim": m.dim,
-        "model.n_tokens": m.n_tokens, "model.ahl_depth": m.ahl_depth,
-        "train.batch_size": t.batch_size, "train.epochs": t.epochs,
-        "train.eval_batch_size": t.eval_batch_size,
-        "extract.visual.fps": cfg.extract.visual.fps, "extract.visual.max_side": cfg.extract.visual.max_side,
-        "extract.visual.detect_every": cfg.extract.visual.detect_every,
-        "extract.audio.sample_rate": cfg.extract.audio.sample_rate,
-        "extract.audio.hop_length": cfg.extract.audio.hop_length,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{source}: '{key}' must be positive, got {value}")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        raise ConfigError(f"{source}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
-    if t.patience is not None and t.patience < 1:
-        raise ConfigError(f"{source}: 'train.patience' must be at least 1 (or null), got {t.patience}")
-    if t.seeds is not None and len(t.seeds) == 0:
+    """Enforce the ``bound`` and ``choices`` declared on the fields, then cross-field rules."""
+    _check_fields(cfg, source, ())
+    if cfg.train.seeds is not None and len(cfg.train.seeds) == 0:
         raise ConfigError(f"{source}: 'train.seeds' must list at least one seed (or be null)")
+
+
+def _check_fields(obj: Any, source: str, where: tuple[str, ...]) -> None:
+    """Walk the fields of the dataclass ``obj`` (and nested sections); one line per violation."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = (*where, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, source, path)
+            continue
+        key = ".".join(path)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        bound = f.metadata.get("bound")
+        if bound is None or value is None or bound.admits(value):
+            continue
+        need = bound.describe()
+        if not math.isfinite(value) and bound.high is None:
+            need = f"finite and {need}"
+        or_null = " (or null)" if f.default is None else ""
+        raise ConfigError(f"{source}: '{key}' must be {need}{or_null}, got {value!r}")
 
 
 def _closest(word: str, candidates: list[str]) -> str | None:

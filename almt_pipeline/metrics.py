@@ -18,7 +18,8 @@ label is 0 (no sample left). Results are not rounded (MMSA rounds MOSI results t
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +28,10 @@ MOSI_KEYS = (
     "Mult_acc_5", "Mult_acc_7", "MAE", "Corr", "Mult_acc_3",
 )
 SIMS_KEYS = ("Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr")
-LOWER_IS_BETTER = {"MAE", "Loss"}
-SCALES = {"mosi": "mosi", "mosei": "mosi", "sims": "sims"}
+LOSS_KEY = "Loss"  # mean squared error, the training objective
+LOWER_IS_BETTER = {"MAE", LOSS_KEY}
+SCALES = {"mosi": "mosi", "mosei": "mosi", "sims": "sims"}  # label-scale names -> canonical scale
+LABEL_RANGES = {"mosi": 3.0, "sims": 1.0}  # labels of a canonical scale lie in [-r, r]
 SIMS_EDGES = {  # interior bin edges; a value v is in bin sum(v > edge) (right-closed bins)
     2: (0.0,),
     3: (-0.1, 0.1),
@@ -37,16 +40,29 @@ SIMS_EDGES = {  # interior bin edges; a value v is in bin sum(v > edge) (right-c
 MOSI_CLIPS = {7: 3.0, 5: 2.0, 3: 1.0}  # Mult_acc_k: clip to [-c, c], round
 
 
-def _resolve_scale(scale: str) -> str:
+def canonical_scale(scale: str) -> str:
+    """"mosi" or "sims" for any label-scale name of :data:`SCALES` (ValueError otherwise)."""
     try:
         return SCALES[str(scale).lower()]
     except KeyError:
-        raise ValueError(f"unknown label scale {scale!r} (use mosi, mosei or sims)") from None
+        raise ValueError(f"unknown label scale {scale!r} (use {', '.join(SCALES)})") from None
+
+
+def infer_label_scale(labels: np.ndarray) -> str:
+    """"sims" when every finite label lies in [-1, 1], else "mosi" (also when there is none)."""
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    y = y[np.isfinite(y)]
+    return "sims" if y.size and float(np.abs(y).max()) <= LABEL_RANGES["sims"] else "mosi"
 
 
 def metric_names(scale: str) -> tuple[str, ...]:
-    """Metric keys produced for a label scale (e.g. to validate ``select_metric``)."""
-    return MOSI_KEYS if _resolve_scale(scale) == "mosi" else SIMS_KEYS
+    """Metric keys :func:`regression_metrics` produces for a label scale."""
+    return MOSI_KEYS if canonical_scale(scale) == "mosi" else SIMS_KEYS
+
+
+def split_metric_names(scale: str) -> tuple[str, ...]:
+    """Metric keys :func:`split_metrics` produces (what ``train.select_metric`` may name)."""
+    return (*metric_names(scale), LOSS_KEY)
 
 
 def _as_float32(x: Any) -> np.ndarray:
@@ -100,7 +116,7 @@ def sentiment_class(x: Any, scale: str, n_classes: int) -> np.ndarray:
     sims: the index of the right-closed bin for 2, 3 or 5 classes (0 = most negative).
     """
     v = _as_float32(x)
-    if _resolve_scale(scale) == "mosi":
+    if canonical_scale(scale) == "mosi":
         c = MOSI_CLIPS[n_classes]
         return np.round(np.clip(v, -c, c))
     return _sims_bins(np.clip(v, -1.0, 1.0), SIMS_EDGES[n_classes])
@@ -145,19 +161,35 @@ def regression_metrics(pred: Any, truth: Any, scale: str) -> dict[str, float]:
         raise ValueError(f"predictions ({p.size}) and labels ({t.size}) differ in length")
     if p.size == 0:
         raise ValueError("no samples to compute metrics on")
-    return _mosi(p, t) if _resolve_scale(scale) == "mosi" else _sims(p, t)
+    return _mosi(p, t) if canonical_scale(scale) == "mosi" else _sims(p, t)
 
 
-def is_better(metric: str, new: float, old: float | None) -> bool:
+def split_metrics(pred: Any, truth: Any, scale: str) -> dict[str, float]:
+    """:func:`regression_metrics` plus ``Loss`` (the MSE), as plain floats."""
+    out = {k: float(v) for k, v in regression_metrics(pred, truth, scale).items()}
+    diff = _as_float32(pred).astype(np.float64) - _as_float32(truth).astype(np.float64)
+    out[LOSS_KEY] = float(np.mean(diff**2))
+    return out
+
+
+def is_better(metric: str, new: float | None, old: float | None) -> bool:
     """True when ``new`` strictly improves on ``old`` (lower for MAE/Loss, higher otherwise).
 
-    NaN never improves; anything non-NaN improves on ``None`` or NaN.
+    A non-finite ``new`` (NaN, inf) never improves; a finite one improves on ``None`` or on a
+    non-finite ``old``.
     """
-    if new is None or math.isnan(new):
+    if new is None or not math.isfinite(new):
         return False
-    if old is None or math.isnan(old):
+    if old is None or not math.isfinite(old):
         return True
     return new < old if metric in LOWER_IS_BETTER else new > old
+
+
+def sort_key(metric: str, value: float | None) -> float:
+    """Ascending key that puts the best value first (non-finite values last)."""
+    if value is None or not math.isfinite(value):
+        return math.inf
+    return value if metric in LOWER_IS_BETTER else -value
 
 
 def format_metrics(d: Mapping[str, Any], digits: int = 4) -> str:
@@ -172,6 +204,7 @@ def format_metrics(d: Mapping[str, Any], digits: int = 4) -> str:
 
 
 __all__ = [
-    "MOSI_KEYS", "SIMS_KEYS", "LOWER_IS_BETTER", "metric_names", "regression_metrics",
-    "is_better", "format_metrics",
+    "MOSI_KEYS", "SIMS_KEYS", "LOWER_IS_BETTER", "SCALES", "canonical_scale", "infer_label_scale",
+    "metric_names", "split_metric_names", "regression_metrics", "split_metrics", "is_better",
+    "sort_key", "format_metrics",
 ]

@@ -11,24 +11,33 @@ training clips were. Models are loaded once per :class:`Predictor` and reused ac
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
 import time
-from concurrent.futures import Future
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, cast
 
+import torch
+from tqdm import tqdm
 
-from .errors import AlmtError, CheckpointError, DependencyError
+from .config import Config, config_from_dict, config_to_dict
+from .errors import AlmtError, CheckpointError
+from .extractors.asr import Transcriber
+from .extractors.clip import ClipExtractor, ClipFailure, TranscriberLike, run_guarded
+from .extractors.dataset import ClipSpec, list_plain_clips
+from .extractors.text import TextFeaturizer
+from .features import fit_length
 from .metrics import sentiment_class
+from .model.checkpoint import LoadedCheckpoint, load_checkpoint
+from .runs import find_latest_checkpoint
+from .utils import atomic_write_csv, atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"  # the run subfolder `almt train` writes (train.CHECKPOINT_DIR)
 
 # Class names on each label scale (the Acc-7 / Acc-5 classes of the metrics).
 MOSI_CLASSES = {
@@ -78,49 +87,37 @@ def label_class(score: float, scale: str) -> str:
     return f"{k:+d} {MOSI_CLASSES[k]}" if k else f"0 {MOSI_CLASSES[0]}"
 
 
-def find_latest_checkpoint(root: str | Path = "runs") -> Path:
-    """The newest ``<root>/*/checkpoint`` (by modification time), as ``almt train`` writes them."""
-    root = Path(root)
-    found = [p for p in root.glob(f"*/{CHECKPOINT_DIR}") if (p / "config.json").is_file()]
-    if not found:
-        raise CheckpointError(
-            f"{root}: no trained checkpoint found; run `almt train` first or pass --checkpoint DIR"
-        )
-    return max(found, key=lambda p: (p / "config.json").stat().st_mtime)
-
-
 class Predictor:
     """A checkpoint plus the extractors its features need, loaded once."""
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto",
-                 preload_asr: bool = False):
+                 preload_asr: bool = False, transcriber: Future[TranscriberLike] | None = None):
         """``preload_asr`` starts loading the speech recogniser in the background at once (for
-        clips without transcripts); otherwise it loads on the first clip that needs it."""
-        from .model.checkpoint import load_checkpoint
-        from .utils import resolve_device
-
+        clips without transcripts); otherwise it loads on the first clip that needs it.
+        ``transcriber`` is one already loading (see :func:`start_loading_asr`)."""
         ckpt_dir = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint()
-        # Whisper loads in C++ outside the GIL: start it first, so it overlaps the imports below
-        asr = _start_loading_asr(ckpt_dir) if preload_asr else None
+        if transcriber is None and preload_asr:
+            transcriber = start_loading_asr(ckpt_dir)
         self.device = resolve_device(device)
         t = time.perf_counter()
         self.checkpoint = load_checkpoint(ckpt_dir, device=self.device)
         self.path = ckpt_dir
         self.cfg = _extraction_config(self.checkpoint, ckpt_dir)
         self.label_scale = self.checkpoint.label_scale
-        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir, transcriber=asr)
+        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir, transcriber=transcriber)
         self.load_seconds = time.perf_counter() - t
         log.debug("loaded %s in %.2f s", ckpt_dir, self.load_seconds)
 
-    def predict(self, clip: str | Path, transcript: str | None = None) -> Prediction:
-        """Score one clip; raises :class:`AlmtError` for bad media (see :meth:`predict_many`)."""
-        import torch
+    def predict(self, clip: str | Path, transcript: str | None = None,
+                transcript_source: str | None = None) -> Prediction:
+        """Score one clip; raises :class:`AlmtError` for bad media (see :meth:`predict_many`).
 
-        from .extractors.runner import fit_length
-
+        Without ``transcript``: the clip's sidecar file, else speech recognition.
+        """
         t0 = time.perf_counter()
-        result = self.extractor(clip, transcript=transcript,
-                                transcript_source="given" if transcript is not None else None)
+        if transcript is not None and transcript_source is None:
+            transcript_source = "given"
+        result = self.extractor(clip, transcript=transcript, transcript_source=transcript_source)
         m = self.cfg.model
         audio, audio_len = fit_length(result.audio, m.audio_len)  # (T_a, d_a)
         vision, vision_len = fit_length(result.vision, m.vision_len)  # (T_v, d_v)
@@ -145,77 +142,49 @@ class Predictor:
             face_fraction=result.face_fraction, duration=result.duration, timings=timings,
         )
 
-    def predict_many(self, clips: Iterable[str | Path], quiet: bool = True) -> list[Prediction]:
-        """Score several clips; a bad clip gives a Prediction with ``error`` set, the rest go on."""
-        from tqdm import tqdm
+    def predict_many(self, clips: Iterable[str | Path | ClipSpec], quiet: bool = True) -> list[Prediction]:
+        """Score several clips; a bad clip gives a Prediction with ``error`` set, the rest go on.
 
-        clips = list(clips)
+        A :class:`~.extractors.dataset.ClipSpec` brings its transcript (read once, when listed).
+        """
+        items = list(clips)
         out: list[Prediction] = []
-        for clip in tqdm(clips, unit="clip", disable=quiet or len(clips) < 2, desc="predict"):
-            try:
-                out.append(self.predict(clip))
-            except DependencyError:
-                raise  # a missing package fails every clip
-            except AlmtError as e:  # reported by the caller from Prediction.error
-                out.append(Prediction(path=str(clip), error=str(e)))
-            except Exception as e:  # an extractor bug must not stop the batch
-                log.debug("unexpected failure on %s", clip, exc_info=True)
-                out.append(Prediction(path=str(clip), error=f"{clip}: {type(e).__name__}: {e}"))
+        for item in tqdm(items, unit="clip", disable=quiet or len(items) < 2, desc="predict"):
+            path, text, source = (item.path, item.text, item.text_source) if isinstance(item, ClipSpec) \
+                else (Path(item), None, None)
+            outcome = run_guarded(partial(self.predict, path, text, source), path)
+            if isinstance(outcome, ClipFailure):
+                if outcome.traceback:
+                    log.debug("unexpected failure on %s:\n%s", path, outcome.traceback)
+                outcome = Prediction(path=str(path), error=outcome.message)
+            out.append(outcome)
         return out
 
 
 def predict(clips: str | Path | Sequence[str | Path], checkpoint: str | Path | None = None,
             device: str = "auto") -> list[Prediction]:
     """Score a clip, a folder of clips or a list of clips with one loaded :class:`Predictor`."""
-    paths = list_inputs(clips) if isinstance(clips, (str, Path)) else list(clips)
-    predictor = Predictor(checkpoint, device=device, preload_asr=_needs_asr(paths))
-    return predictor.predict_many(paths)
+    items: list[ClipSpec] | list[str | Path] = list_inputs(clips) if isinstance(clips, (str, Path)) else list(clips)
+    predictor = Predictor(checkpoint, device=device, preload_asr=needs_asr(items))
+    return predictor.predict_many(items)
 
 
-def _needs_asr(paths: Sequence[str | Path]) -> bool:
-    """True when some clip has no sidecar transcript, so speech recognition will run."""
-    from .extractors.asr import read_sidecar_transcript
-
-    return any(read_sidecar_transcript(Path(p)) is None for p in paths)
+def needs_asr(items: Sequence[str | Path | ClipSpec]) -> bool:
+    """True when some clip has no transcript (listed clips carry their sidecar's text)."""
+    return any(not isinstance(item, ClipSpec) or item.text is None for item in items)
 
 
-def list_inputs(path: str | Path) -> list[Path]:
-    """A single file as is (whatever its extension), or the clips of a folder (recursive)."""
-    from .extractors.dataset import list_plain_clips
-
+def list_inputs(path: str | Path) -> list[ClipSpec]:
+    """A single file as is (whatever its extension), or the clips of a folder (recursive), each
+    with its sidecar transcript when it has one."""
     path = Path(path)
     if not path.exists():
         raise AlmtError(f"{path}: no such file or folder")
-    if path.is_file():
-        return [path]
-    return [spec.path for spec in list_plain_clips(path)]
-
-
-def run_predict_cli(input_path: Path, checkpoint: Path, *, json_out: bool = False,
-                    out: Path | None = None, device: str = "auto", quiet: bool = False) -> int:
-    """What ``almt predict`` does: print each result, optionally write a file; -> failures."""
-    import typer
-
-    if out is not None and out.suffix.lower() not in (".jsonl", ".csv"):
-        raise AlmtError(f"{out}: --out must end in .jsonl or .csv")
-    paths = list_inputs(input_path)
-    predictor = Predictor(checkpoint, device=device, preload_asr=_needs_asr(paths))
-    results = predictor.predict_many(paths, quiet=quiet)
-    for r in results:
-        if r.error is not None:
-            typer.secho(f"error: {r.error}", fg=typer.colors.RED, err=True)
-            if not json_out:
-                continue
-        typer.echo(json.dumps(r.to_dict(), ensure_ascii=False) if json_out else format_prediction(r))
-    if out is not None:
-        write_predictions(out, results)
-    failed = sum(r.error is not None for r in results)
-    if len(results) > 1 and not json_out:
-        typer.echo(f"{len(results) - failed} clip(s) scored, {failed} failed")
-    return failed
+    return list_plain_clips(path)
 
 
 def format_prediction(r: Prediction) -> str:
+    """A few lines for people: score, polarity and class, transcript, face share, timings."""
     scale = "[-1, 1]" if r.label_scale == "sims" else "[-3, 3]"
     t = r.timings
     steps = ", ".join(f"{k} {t[k]:.2f}s" for k in ("audio", "asr", "text", "face", "model") if k in t)
@@ -231,27 +200,19 @@ def format_prediction(r: Prediction) -> str:
 
 def write_predictions(path: Path, results: list[Prediction]) -> None:
     """Write results as JSON lines (.jsonl) or CSV (.csv), atomically."""
-    from .utils import atomic_write_text
-
     rows = [r.to_dict() for r in results]
     if path.suffix.lower() == ".csv":
-        buf = io.StringIO()
         fields = [k for k in rows[0] if k != "timings"] + ["seconds"] if rows else []
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        for row in rows:
-            row = dict(row)
-            row["seconds"] = row.pop("timings", {}).get("total")
-            w.writerow(row)
-        atomic_write_text(path, buf.getvalue())
+        atomic_write_csv(path, fields, (
+            [*(row[k] if row[k] is not None else "" for k in fields[:-1]), row["timings"].get("total", "")]
+            for row in rows
+        ))
     else:
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _extraction_config(ckpt: Any, ckpt_dir: Path) -> Any:
+def _extraction_config(ckpt: LoadedCheckpoint, ckpt_dir: Path) -> Config:
     """The checkpoint's config with the extractor settings its training features were made with."""
-    from .config import config_from_dict, config_to_dict
-
     meta = ckpt.feature_meta or {}
     settings = meta.get("extract")
     if not settings:
@@ -271,34 +232,26 @@ def _extraction_config(ckpt: Any, ckpt_dir: Path) -> Any:
         ) from e
 
 
-def _start_loading_asr(ckpt_dir: Path) -> Future | None:
-    """Load the checkpoint's speech recogniser in a background thread; None if unknown."""
-    from concurrent.futures import ThreadPoolExecutor
+def start_loading_asr(ckpt_dir: Path) -> Future[TranscriberLike] | None:
+    """Load the checkpoint's speech recogniser in a background thread; None if unknown.
 
+    Whisper loads in C++ outside the GIL, so this overlaps well with loading the rest.
+    """
     try:  # a light read: the full checkpoint load validates everything later
         meta = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
         settings = meta["feature_meta"]["extract"]
         model, language = settings["asr_model"], settings.get("language")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-    def load() -> Any:
-        from .extractors.asr import Transcriber
-
-        return Transcriber(model, language=language, device="cpu")
-
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-preload")
-    future = pool.submit(load)
+    future = pool.submit(Transcriber, model, language=language, device="cpu")
     pool.shutdown(wait=False)
-    return future
+    return cast("Future[TranscriberLike]", future)  # Future is invariant; a Transcriber is TranscriberLike
 
 
-def _make_extractor(cfg: Any, ckpt: Any, ckpt_dir: Path, transcriber: Any = None) -> Any:
+def _make_extractor(cfg: Config, ckpt: LoadedCheckpoint, ckpt_dir: Path,
+                    transcriber: Future[TranscriberLike] | None = None) -> ClipExtractor:
     """A ClipExtractor whose features match the checkpoint's feature names exactly."""
-    from .extractors.runner import ClipExtractor
-
-    from .extractors.text import TextFeaturizer
-
     text = TextFeaturizer(str(ckpt_dir), cfg.model.text_len, tokenizer=ckpt.tokenizer)  # ids only
     extractor = ClipExtractor(cfg, device="cpu", text_featurizer=text, transcriber=transcriber)
     expected = (ckpt.feature_meta or {}).get("feature_names") or {}

@@ -1,17 +1,30 @@
-"""Small shared helpers: atomic file writes, device selection, seeding, version."""
+"""Small shared helpers: atomic file writes, one-line error text, device selection, seeding.
+
+torch is imported inside the two functions that need it, so that loading a config or a
+feature file (and the CLI's start-up) does not pay for importing it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import logging
 import os
 import random
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
+
+from . import __version__
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # Final results (metrics, summaries) are logged here: the CLI shows them even with --quiet.
 results_log = logging.getLogger("almt_pipeline.results")
@@ -30,7 +43,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -48,14 +61,18 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
-        f.write(data)
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file (header row, then ``rows``) atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -72,11 +89,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def resolve_device(name: str = "auto"):
+def resolve_device(name: str | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available else CPU; otherwise the named device (checked)."""
     import torch
-
-    from .errors import ConfigError
 
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,13 +115,17 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+ONE_LINE_LIMIT = 300  # characters of an exception's message kept on one line
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line: whitespace folded, cut to ``ONE_LINE_LIMIT``
+    characters (its type name when the message is empty)."""
+    text = " ".join(str(e).split())
+    if len(text) > ONE_LINE_LIMIT:
+        text = text[: ONE_LINE_LIMIT - 3].rstrip() + "..."
+    return text or type(e).__name__
 
 
 def package_version() -> str:
-    from . import __version__
-
     return __version__

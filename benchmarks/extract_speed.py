@@ -46,7 +46,7 @@ def _run(args: list[str]) -> None:
 
 def build_speech_clip(video: Path, out: Path) -> Path:
     """The video with espeak-ng speech as its audio track (speech padded with silence)."""
-    from almt_pipeline.media import ffmpeg_exe
+    from almt_pipeline.probe import ffmpeg_exe
 
     wav = out.with_suffix(".wav")
     _run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(wav), SPEECH_TEXT])
@@ -57,7 +57,7 @@ def build_speech_clip(video: Path, out: Path) -> Path:
 
 
 def loop_clip(clip: Path, seconds: float, out: Path) -> Path:
-    from almt_pipeline.media import ffmpeg_exe
+    from almt_pipeline.probe import ffmpeg_exe
 
     _run([ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error", "-stream_loop", "-1", "-i", str(clip),
           "-t", f"{seconds:g}", "-c", "copy", str(out)])
@@ -69,7 +69,7 @@ def bench_config(name: str, quiet: bool = False):
     measures extraction, so a width mismatch in the config must not stop it)."""
     from almt_pipeline.config import load_config, replace_config
     from almt_pipeline.extractors.audio import AudioFeaturizer
-    from almt_pipeline.extractors.visual import make_face_featurizer
+    from almt_pipeline.extractors.faces import make_face_featurizer
 
     cfg = load_config(name)
     a = AudioFeaturizer(cfg.extract.audio).dim
@@ -92,8 +92,8 @@ def _set_threads(n: int) -> None:
 
 
 def speed(cfg, clip: Path, repeats: int, threads: int, asr: bool) -> None:
-    from almt_pipeline.extractors.runner import ClipExtractor
-    from almt_pipeline.media import probe
+    from almt_pipeline.extractors.clip import ClipExtractor
+    from almt_pipeline.probe import probe
 
     duration = float(probe(clip).duration)
     t = time.perf_counter()
@@ -122,7 +122,7 @@ def speed(cfg, clip: Path, repeats: int, threads: int, asr: bool) -> None:
     print(f"cpu time (transcript given): python {py:.3f} s, ffmpeg {ff:.3f} s; on otherwise idle "
           f"cores the python process bounds the wall time: ~{duration / py:.1f}x real time")
     if asr:
-        ex.transcriber  # load outside the timing
+        _ = ex.transcriber  # load outside the timing
         ex(clip)  # warm-up
         runs = [ex(clip).timings for _ in range(repeats)]
         t_asr = statistics.median(r["asr"] for r in runs)
@@ -138,7 +138,7 @@ def _children_cpu() -> float:
 
 
 def _size(clip: Path) -> tuple[int, int]:
-    from almt_pipeline.media import probe
+    from almt_pipeline.probe import probe
 
     info = probe(clip)
     return info.width or 0, info.height or 0
@@ -146,7 +146,7 @@ def _size(clip: Path) -> tuple[int, int]:
 
 def memory_child(clip: Path, config: str, threads: int) -> None:
     """Runs in a fresh process: extract one clip, print peak RSS as JSON."""
-    from almt_pipeline.extractors.runner import ClipExtractor
+    from almt_pipeline.extractors.clip import ClipExtractor
 
     _set_threads(threads)
     cfg = bench_config(config, quiet=True)

@@ -25,7 +25,7 @@ SAMPLES = REPO / "samples"
 
 
 def make_clip(dst: Path, seconds: float) -> None:
-    from almt_pipeline.media import ffmpeg_exe
+    from almt_pipeline.probe import ffmpeg_exe
 
     cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-stream_loop", "-1", "-i",
            str(SAMPLES / "new_clip.mp4"), "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast",

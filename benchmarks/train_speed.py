@@ -147,8 +147,9 @@ def main() -> None:
         for text_model in args.text_models.split(","):
             for mode in args.modes.split(","):
                 cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{text_model}:{mode}:{device}",
-                       "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -156,7 +157,8 @@ def main() -> None:
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 print(f"{device:5s} {text_model:8s} {mode:8s} {r['samples_per_s']:8.1f} samples/s  "
-                      f"{r['step_s']:7.3f} s/step (median)  peak {r['peak_mb']:8.0f} MiB ({r['peak_kind']})", flush=True)
+                      f"{r['step_s']:7.3f} s/step (median)  peak {r['peak_mb']:8.0f} MiB ({r['peak_kind']})",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def test_round_trip_in_process(saved):
     assert meta["text_model_source"] == cfg.model.text_model and meta["package_version"]
 
 
+@pytest.mark.slow  # starts a fresh Python process, which imports torch and loads the checkpoint anew
 def test_fresh_offline_process_gives_identical_outputs(saved, tmp_path):
     out, _, expected = saved
     torch.save(_inputs(), tmp_path / "inputs.pt")

@@ -89,4 +89,29 @@ def test_describe_reference_counts_without_bert_weights(config, count):
 
 def test_bad_option_values():
     r = invoke("evaluate", "--split", "dev")
-    assert r.exit_code != 0 and "train, valid or test" in r.output
+    assert r.exit_code == 1 and r.output == "error: --split must be one of train, valid, test, got 'dev'\n"
+    r = invoke("extract", "nowhere", "--unlabeled-split", "holdout")
+    assert r.exit_code == 1 and r.output.startswith("error: --unlabeled-split must be one of")
+
+
+def test_config_help_lists_the_real_built_ins():
+    """extract takes only the configs made for the extractors; training takes every built-in."""
+    def text(command):  # help without the panel borders, one space between words
+        return " ".join(invoke(command, "--help").output.replace("│", " ").split())
+
+    extract_help, train_help = text("extract"), text("train")
+    assert "(default, pyfeat)" in extract_help and "mosei" not in extract_help
+    assert "(default, pyfeat, mosi, mosei, sims)" in train_help
+    r = invoke("extract", "nowhere", "--config", "mosi")
+    assert r.exit_code == 1 and r.output.startswith("error: --config mosi is a training config")
+
+
+def test_every_option_has_help():
+    import click
+    import typer.main
+
+    command = typer.main.get_command(app)
+    for name, sub in command.commands.items():
+        for param in sub.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"almt {name} {param.opts[0]} has no help text"

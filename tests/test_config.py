@@ -1,11 +1,20 @@
-"""Config loading is strict: unknown keys, wrong types and bad choices are one-line errors."""
+"""Config loading is strict: unknown keys, wrong types, bad choices and out-of-range values are one-line errors."""
+
+import dataclasses
 
 import pytest
 
 from almt_pipeline.config import (
-    BUILTIN_CONFIGS, Config, config_from_dict, config_to_dict, load_config, replace_config,
+    BUILTIN_CONFIGS,
+    Config,
+    ModelConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    replace_config,
 )
 from almt_pipeline.errors import ConfigError
+from almt_pipeline.metrics import SCALES
 
 
 @pytest.mark.parametrize("name", BUILTIN_CONFIGS)
@@ -33,7 +42,8 @@ def test_reference_hyperparameters():
 def test_unknown_key_names_key_and_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("model:\n  fusion_dpeth: 3\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.fusion_dpeth' \(did you mean 'fusion_depth'\?\)"):
+    message = r"bad.yaml: unknown config key 'model.fusion_dpeth' \(did you mean 'fusion_depth'\?\)"
+    with pytest.raises(ConfigError, match=message):
         load_config(p)
 
 
@@ -48,7 +58,7 @@ def test_unknown_section(tmp_path):
     ("train:\n  epochs: ten\n", "'train.epochs' must be an integer"),
     ("model:\n  masked: 1\n", "'model.masked' must be true or false"),
     ("train:\n  amp: fp8\n", "'train.amp' must be one of none, bf16, fp16"),
-    ("train:\n  epochs: 0\n", "'train.epochs' must be positive"),
+    ("train:\n  epochs: 0\n", "'train.epochs' must be at least 1, got 0"),
     ("extract:\n  visual:\n    backend: openface\n", "'extract.visual.backend' must be one of"),
     ("model: [1, 2]\n", "'model' must be a mapping"),
     ("model:\n  text_len: [\n", "not valid YAML"),
@@ -84,3 +94,59 @@ def test_overrides_do_not_mutate_and_none_is_ignored():
 
 def test_defaults_are_the_embedded_default():
     assert Config().model == load_config("default").model
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  embed_heads: 0\n", "'model.embed_heads' must be at least 1, got 0"),
+    ("model:\n  fusion_depth: -1\n", "'model.fusion_depth' must be at least 1, got -1"),
+    ("model:\n  dim: 0\n", "'model.dim' must be at least 1, got 0"),
+    ("model:\n  dropout: 1.5\n", r"'model.dropout' must be in \[0, 1\), got 1.5"),
+    ("model:\n  dropout: .nan\n", r"'model.dropout' must be in \[0, 1\), got nan"),
+    ("train:\n  lr: nan\n", "'train.lr' must be finite and greater than 0, got nan"),
+    ("train:\n  lr: .inf\n", "'train.lr' must be finite and greater than 0, got inf"),
+    ("train:\n  lr: 0\n", "'train.lr' must be greater than 0, got 0.0"),
+    ("train:\n  weight_decay: -1.0e-4\n", "'train.weight_decay' must be at least 0, got -0.0001"),
+    ("train:\n  warmup_ratio: 1.0\n", r"'train.warmup_ratio' must be in \[0, 1\), got 1.0"),
+    ("train:\n  patience: 0\n", r"'train.patience' must be at least 1 \(or null\), got 0"),
+    ("train:\n  grad_clip: 0\n", r"'train.grad_clip' must be greater than 0 \(or null\), got 0.0"),
+    ("train:\n  eval_batch_size: 0\n", "'train.eval_batch_size' must be at least 1, got 0"),
+    ("train:\n  label_scale: imdb\n", "'train.label_scale' must be one of auto, mosi, mosei, sims, got 'imdb'"),
+    ("extract:\n  min_duration: -1\n", "'extract.min_duration' must be at least 0, got -1.0"),
+    ("extract:\n  audio:\n    n_mfcc: 0\n", "'extract.audio.n_mfcc' must be at least 1, got 0"),
+    ("extract:\n  visual:\n    fps: .nan\n", "'extract.visual.fps' must be finite and greater than 0, got nan"),
+])
+def test_out_of_range_values_are_one_line_errors(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(p)
+    assert str(err.value).startswith(f"{p}: '") and "\n" not in str(err.value)
+
+
+def test_every_model_size_is_validated():
+    sizes = [f.name for f in dataclasses.fields(ModelConfig) if f.type == "int"]
+    assert {"embed_heads", "fusion_depth", "dim", "ahl_dim_head"} <= set(sizes)
+    for name in sizes:
+        with pytest.raises(ConfigError, match=f"'model.{name}' must be at least 1, got 0"):
+            config_from_dict({"model": {name: 0}})
+
+
+def test_bounds_admit_their_edges():
+    cfg = config_from_dict({"model": {"dropout": 0.0}, "train": {"weight_decay": 0, "warmup_ratio": 0.0,
+                                                                 "patience": None, "grad_clip": None},
+                            "extract": {"min_duration": 0}})
+    assert cfg.train.weight_decay == 0.0 and cfg.extract.min_duration == 0.0
+
+
+def test_label_scales_are_the_metrics_table():
+    for scale in ("auto", *SCALES):
+        assert config_from_dict({"train": {"label_scale": scale}}).train.label_scale == scale
+    assert load_config("mosei").train.label_scale in SCALES
+
+
+def test_config_of_an_older_checkpoint_takes_defaults_for_new_keys():
+    old = config_to_dict(load_config("mosi"))
+    del old["model"]["fast_attention"]
+    cfg = config_from_dict(old, source="old checkpoint")
+    assert cfg.model.fast_attention is True and cfg == load_config("mosi")
+    assert config_from_dict({"model": {"fast_attention": False}}).model.fast_attention is False

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from almt_pipeline.errors import ExtractionError
+from almt_pipeline.errors import ConfigError, ExtractionError
 from almt_pipeline.extractors.dataset import discover, has_unimodal_labels, list_plain_clips
 
 HEADER = "video_id,clip_id,text,label,label_T,label_A,label_V,annotation,mode\n"
@@ -122,7 +122,7 @@ def test_single_file_and_errors(tmp_path):
         discover(tmp_path / "missing")
     with pytest.raises(ExtractionError, match="no clips found"):
         list_plain_clips(_touch(tmp_path / "empty" / "readme.md").parent)
-    with pytest.raises(ExtractionError, match="unlabeled split"):
+    with pytest.raises(ConfigError, match="unlabeled split"):
         discover(clip, unlabeled_split="holdout")
 
 

@@ -10,6 +10,7 @@ offline; the only thing made small is the number of epochs, through a config fil
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -173,3 +174,40 @@ def one_line_error(result) -> str:
     errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     return errors[0]
+
+
+def test_predict_and_evaluate_agree_on_the_test_clips(workdir, data_dir, tmp_path, monkeypatch):
+    """`almt predict` on a test clip scores what `almt evaluate` scores for it after `almt extract`.
+
+    The clips are copied with their label.csv transcript as a sidecar, so both paths see the same
+    text; everything else (decoding, features, padding, the model) runs through each command.
+    """
+    import csv
+
+    monkeypatch.chdir(workdir)
+    r = invoke("evaluate", "--split", "test", "--predictions", tmp_path / "eval.csv", "--quiet")
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "eval.csv", newline="") as f:
+        evaluated = {row["id"]: float(row["prediction"]) for row in csv.DictReader(f)}
+
+    dataset = data_dir / "mini_dataset"
+    with open(dataset / "label.csv", newline="") as f:
+        tests = [row for row in csv.DictReader(f) if row["mode"] == "test"]
+    folder = tmp_path / "test_clips"
+    folder.mkdir()
+    for row in tests:
+        name = f"{row['video_id']}_{row['clip_id']}"
+        shutil.copy(dataset / "Raw" / row["video_id"] / f"{row['clip_id']}.mp4", folder / f"{name}.mp4")
+        (folder / f"{name}.txt").write_text(row["text"], encoding="utf-8")
+    r = invoke("predict", folder, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    predicted = {}
+    for line in r.output.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            assert row["transcript_source"] == "sidecar"
+            video_id, clip_id = Path(row["path"]).stem.split("_")
+            predicted[f"{video_id}$_${clip_id}"] = row["score"]
+    assert predicted.keys() == evaluated.keys() and len(predicted) == len(tests) == 2
+    for clip_id, score in predicted.items():
+        assert score == pytest.approx(evaluated[clip_id], abs=1e-4), clip_id

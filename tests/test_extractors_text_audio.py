@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
-import io
 from pathlib import Path
 
 import numpy as np

@@ -12,19 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import make_synthetic
 
 from almt_pipeline.config import ModelConfig
 from almt_pipeline.errors import FeatureFileError, UnsafePickleError
-from almt_pipeline.features import (
-    META_KEY,
-    REQUIRED,
-    SCHEMA_VERSION,
-    SPLITS,
-    load_features,
-    make_synthetic,
-    safe_load_pickle,
-    save_features,
-)
+from almt_pipeline.features import load_features, save_features
+from almt_pipeline.safe_pickle import safe_load_pickle
+from almt_pipeline.schema import META_KEY, REQUIRED, SCHEMA_VERSION, SPLITS
 
 SMALL = dict(n=(6, 3, 3), text_len=12, audio=(20, 5), vision=(15, 7), text_dim=16)
 

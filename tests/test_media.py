@@ -1,4 +1,5 @@
-"""media.py: probing with and without ffprobe, audio decoding, frame streaming, bad files.
+"""probe.py and media.py: probing with and without ffprobe, audio decoding, frame streaming,
+read-ahead, bad files.
 
 Clips are generated on the fly with ffmpeg's lavfi sources through imageio-ffmpeg's binary (the
 one a plain pip install has), so these tests need nothing from the system.
@@ -7,14 +8,18 @@ one a plain pip install has), so these tests need nothing from the system.
 from __future__ import annotations
 
 import gc
+import logging
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from almt_pipeline import media
+from almt_pipeline import probe as probing
 from almt_pipeline.errors import DependencyError, MediaError
 
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
@@ -72,28 +77,28 @@ def ffmpeg_bin(request, monkeypatch):
 
 def test_ffmpeg_exe_env_and_fallback(monkeypatch):
     monkeypatch.setenv("ALMT_FFMPEG", BUNDLED)
-    assert media.ffmpeg_exe() == BUNDLED
+    assert probing.ffmpeg_exe() == BUNDLED
     monkeypatch.setenv("ALMT_FFMPEG", "/nonexistent/ffmpeg")
     with pytest.raises(DependencyError, match="ALMT_FFMPEG"):
-        media.ffmpeg_exe()
+        probing.ffmpeg_exe()
     monkeypatch.delenv("ALMT_FFMPEG")
     monkeypatch.setenv("PATH", "/nonexistent")  # no system ffmpeg: the bundled one is used
-    assert media.ffmpeg_exe() == BUNDLED
+    assert probing.ffmpeg_exe() == BUNDLED
     monkeypatch.setenv("ALMT_FFPROBE", "none")
-    assert media.ffprobe_exe() is None
+    assert probing.ffprobe_exe() is None
 
 
 def test_probe_good_clip(clips, ffmpeg_bin):
-    info = media.probe(clips["av"], need_audio=True, need_video=True)
+    info = probing.probe(clips["av"], need_audio=True, need_video=True)
     assert (info.has_audio, info.has_video) == (True, True)
     assert (info.width, info.height, info.fps, info.rotation) == (W, H, FPS, 0)
     assert info.duration == pytest.approx(SECONDS, abs=0.1)
     assert (info.video_codec, info.audio_codec) == ("h264", "aac")
     assert (info.audio_sample_rate, info.audio_channels) == (SR, 2)
-    rot = media.probe(clips["rotated"])
+    rot = probing.probe(clips["rotated"])
     assert rot.rotation in (90, -90) and (rot.width, rot.height) == (W, H)
     assert rot.display_size == (H, W)
-    assert media.probe(clips["six_channels"]).audio_channels == 6
+    assert probing.probe(clips["six_channels"]).audio_channels == 6
 
 
 @pytest.mark.skipif(not SYSTEM_FFPROBE, reason="no ffprobe on PATH")
@@ -101,9 +106,9 @@ def test_ffprobe_and_ffmpeg_parsing_agree(clips):
     names = ["av", "rotated", "video_only", "audio_only", "six_channels", "vfr", "truncated"]
     for name in names:
         path = clips[name]
-        via_ffprobe = media._probe_ffprobe(path, SYSTEM_FFPROBE)
+        via_ffprobe = probing._probe_ffprobe(path, SYSTEM_FFPROBE)
         for exe in filter(None, {BUNDLED, SYSTEM_FFMPEG}):
-            assert media._probe_ffmpeg(path, exe) == via_ffprobe, (name, exe)
+            assert probing._probe_ffmpeg(path, exe) == via_ffprobe, (name, exe)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +124,7 @@ def test_ffprobe_and_ffmpeg_parsing_agree(clips):
 def test_probe_errors_name_the_file(clips, ffmpeg_bin, tmp_path, name, kwargs, message):
     path = clips.get(name, tmp_path / "missing.mp4")
     with pytest.raises(MediaError, match=message) as err:
-        media.probe(path, **kwargs)
+        probing.probe(path, **kwargs)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -160,7 +165,7 @@ def test_iter_frames_rotation_applied(clips, ffmpeg_bin):
     upright = [f for _, f in media.iter_frames(clips["av"], 5, None)]
     rotated = [f for _, f in media.iter_frames(clips["rotated"], 5, None)]
     assert rotated[0].shape == (W, H, 3)
-    k = 1 if media.probe(clips["rotated"]).rotation == 90 else 3
+    k = 1 if probing.probe(clips["rotated"]).rotation == 90 else 3
     diff = np.abs(np.rot90(upright[3], k).astype(int) - rotated[3].astype(int)).mean()
     assert diff < 1.0
 
@@ -194,7 +199,7 @@ def test_iter_frames_errors(clips, ffmpeg_bin):
 
 
 def test_truncated_file_is_detected(clips, ffmpeg_bin):
-    info = media.probe(clips["truncated"])
+    info = probing.probe(clips["truncated"])
     assert info.duration == pytest.approx(SECONDS, abs=0.1)  # the header still says 2 s
     stream = media.iter_frames(clips["truncated"], 10, 64, info=info)
     n = sum(1 for _ in stream)
@@ -211,3 +216,95 @@ def test_decoded_duration_tolerance():
     assert media.decoded_duration_problem(9.8, 9.7) is None
     assert media.decoded_duration_problem(None, 1.0) is None
     assert media.decoded_duration_problem(9.8, 2.1) == "decoded 2.1 s of 9.8 s (file truncated?)"
+
+
+# ------------------------------------------------------------------------------- read-ahead
+
+
+def _three_then_fail():
+    for i in range(3):
+        yield float(i), np.full((2, 2, 3), i, np.uint8)
+    raise MediaError("decoding failed")
+
+
+def test_prefetched_frames_hands_out_items_then_the_error():
+    frames = media.PrefetchedFrames(_three_then_fail(), depth=2)
+    got = []
+    with pytest.raises(MediaError, match="decoding failed"):
+        for t, frame in frames:
+            got.append((t, int(frame[0, 0, 0])))
+    assert got == [(0.0, 0), (1.0, 1), (2.0, 2)] and frames.count == 3
+    assert frames.wait_seconds >= 0.0
+    assert next(frames, None) is None  # finished: no further items, no second error
+    frames.close()
+
+
+def test_prefetched_frames_end_of_stream():
+    with media.PrefetchedFrames(iter([(0.0, np.zeros((1, 1, 3), np.uint8))]), depth=4) as frames:
+        assert [t for t, _ in frames] == [0.0]
+    assert frames.count == 1
+    with pytest.raises(ValueError, match="depth"):
+        media.PrefetchedFrames(iter([]), depth=0)
+
+
+class BlockingSource:
+    """A frame source whose reads block until ``close()``, like ffmpeg's pipe with no data yet;
+    after being closed it logs a warning, as a decoder killed mid-stream does."""
+
+    def __init__(self):
+        self.released = threading.Event()
+        self.reads = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.reads:
+            self.released.wait(timeout=30)
+            logging.getLogger("almt_pipeline.media").warning("decoding stopped (closing)")
+            raise StopIteration
+        self.reads += 1
+        return 0.0, np.zeros((1, 1, 3), np.uint8)
+
+    def close(self):
+        self.released.set()
+
+
+def test_prefetched_frames_close_stops_a_blocked_reader(caplog):
+    source = BlockingSource()
+    frames = media.PrefetchedFrames(source, depth=1)
+    assert next(frames)[0] == 0.0
+    time.sleep(0.05)  # the reader is now blocked inside the source
+    with caplog.at_level(logging.WARNING, logger="almt_pipeline.media"):
+        start = time.perf_counter()
+        frames.close()
+    assert time.perf_counter() - start < 5 and not frames._thread.is_alive()
+    assert source.released.is_set()
+    assert not [r for r in caplog.records if "closing" in r.getMessage()]
+    assert next(frames, None) is None and frames.count == 1
+
+
+def test_prefetched_frames_close_stops_a_producer_waiting_for_room():
+    closed = threading.Event()
+
+    def endless():
+        try:
+            while True:
+                yield 0.0, np.zeros((1, 1, 3), np.uint8)
+        finally:
+            closed.set()
+
+    frames = media.PrefetchedFrames(endless(), depth=1)
+    next(frames)
+    frames.close()  # the reader waits for room in the queue: the stop flag ends it
+    assert not frames._thread.is_alive() and closed.is_set()
+
+
+def test_prefetched_frames_over_a_frame_stream(clips, ffmpeg_bin):
+    stream = media.iter_frames(clips["av"], 10, 64)
+    frames = media.PrefetchedFrames(stream, depth=4)
+    first = next(frames)
+    assert first[1].shape == (36, 64, 3)
+    proc = stream._proc
+    frames.close()  # stops ffmpeg early
+    assert proc.poll() is not None and frames.count == 1

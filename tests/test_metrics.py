@@ -9,10 +9,15 @@ from almt_pipeline.metrics import (
     LOWER_IS_BETTER,
     MOSI_KEYS,
     SIMS_KEYS,
+    canonical_scale,
     format_metrics,
+    infer_label_scale,
     is_better,
     metric_names,
     regression_metrics,
+    sort_key,
+    split_metric_names,
+    split_metrics,
 )
 
 
@@ -155,11 +160,32 @@ def test_torch_input_and_errors():
 
 
 def test_is_better_and_format():
-    assert LOWER_IS_BETTER == {"MAE", "Loss"}
+    assert {"MAE", "Loss"} == LOWER_IS_BETTER
     assert is_better("MAE", 0.7, 0.8) and not is_better("MAE", 0.8, 0.7)
     assert is_better("Has0_acc_2", 0.8, 0.7) and not is_better("Corr", 0.5, 0.5)
     assert is_better("MAE", 1.0, None) and is_better("Corr", 0.0, float("nan"))
     assert not is_better("MAE", float("nan"), 1.0)
+    # the rule training selects checkpoints with: inf never improves, anything finite beats inf
+    assert not is_better("MAE", float("inf"), 1.0) and not is_better("Corr", float("inf"), 0.5)
+    assert is_better("MAE", 5.0, float("inf")) and is_better("Corr", -1.0, float("-inf"))
+    assert not is_better("MAE", None, None)
+    assert sort_key("MAE", 0.5) < sort_key("MAE", 0.7) and sort_key("Corr", 0.7) < sort_key("Corr", 0.5)
+    assert sort_key("MAE", float("nan")) == sort_key("Corr", None) == float("inf")
     line = format_metrics({"MAE": 0.712345, "Corr": float("nan"), "epoch": 3})
     assert line == "MAE 0.7123 | Corr nan | epoch 3"
     assert "\n" not in format_metrics(regression_metrics([0.1, 0.2], [0.3, -0.2], "mosi"))
+
+
+def test_label_scale_names_and_inference():
+    assert [canonical_scale(s) for s in ("mosi", "MOSEI", "sims")] == ["mosi", "mosi", "sims"]
+    with pytest.raises(ValueError, match="mosi, mosei, sims"):
+        canonical_scale("iemocap")
+    assert infer_label_scale(np.array([-1.0, 0.4, 1.0])) == "sims"
+    assert infer_label_scale(np.array([-1.0, 1.2, np.nan])) == "mosi"
+    assert infer_label_scale(np.array([np.nan])) == infer_label_scale(np.zeros(0)) == "mosi"
+
+
+def test_split_metrics_add_the_loss_that_selection_may_use():
+    m = split_metrics([0.0, 2.0], [1.0, 1.0], "mosi")
+    assert m["Loss"] == 1.0 and set(m) == set(split_metric_names("mosi"))
+    assert split_metric_names("sims") == (*SIMS_KEYS, "Loss")

@@ -74,18 +74,55 @@ def test_describe_model_offline_and_with_a_local_model(tmp_path):
     assert info["total"] - info["excluding_text"] == sum(p.numel() for p in bert(32).parameters())
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_forward_backward_shapes(masked):
-    cfg = dataclasses.replace(TINY, masked=masked)
+def test_forward_backward_shapes(masked, fast):
+    cfg = dataclasses.replace(TINY, masked=masked, fast_attention=fast)
     model = ALMT(cfg, bert(32), 32)
     text, audio, vision, a_len, v_len = inputs(cfg)
     out = model(text, audio, vision, a_len, v_len)
     assert out.shape == (3,) and torch.isfinite(out).all()
     out.sum().backward()
-    # every parameter gets a gradient except the key-side LayerNorm bias of each modality
-    # embedding's last block, which cancels in the softmax (the BERT pooler is unused)
+    # the BERT pooler is unused; the fast path also leaves out the key-side LayerNorm bias of each
+    # modality embedding's last block, which cancels in the softmax
     no_grad = {n for n, p in model.named_parameters() if p.grad is None and not n.startswith("text_encoder.pooler")}
-    assert no_grad == {f"embed_{m}.blocks.0.attn.norm_k.bias" for m in ("text", "audio", "vision")}
+    expected = {f"embed_{m}.blocks.0.attn.norm_k.bias" for m in ("text", "audio", "vision")} if fast else set()
+    assert no_grad == expected
+
+
+def _output_and_grads(cfg: ModelConfig, state: dict, batch: tuple) -> tuple[torch.Tensor, dict]:
+    model = ALMT(cfg, bert(32), 32)
+    model.load_state_dict(state)
+    out = model(*batch)  # (B,)
+    (out * torch.arange(1.0, 1.0 + out.shape[0])).sum().backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fast_attention_matches_the_reference(masked):
+    cfg = dataclasses.replace(TINY, masked=masked, embed_depth=2)
+    torch.manual_seed(3)
+    reference = ALMT(dataclasses.replace(cfg, fast_attention=False), bert(32), 32)
+    with torch.no_grad():  # non-trivial LayerNorm affines, so folding them is actually tested
+        for name, p in reference.named_parameters():
+            if ".norm" in name and not name.startswith("text_encoder"):
+                p.add_(0.3 * torch.randn_like(p))
+    state = reference.state_dict()
+    batch = inputs(cfg)
+    out_ref, grads_ref = _output_and_grads(dataclasses.replace(cfg, fast_attention=False), state, batch)
+    out_fast, grads_fast = _output_and_grads(dataclasses.replace(cfg, fast_attention=True), state, batch)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    assert grads_fast.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads_fast[name], g, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_both_attention_paths_have_the_same_parameters():
+    fast = ALMT(dataclasses.replace(TINY, fast_attention=True), bert(32), 32)
+    plain = ALMT(dataclasses.replace(TINY, fast_attention=False), bert(32), 32)
+    assert [(n, p.shape) for n, p in fast.named_parameters()] == [(n, p.shape) for n, p in plain.named_parameters()]
+    assert count_parameters(fast) == count_parameters(plain)
 
 
 def test_shorter_inputs_than_the_configured_maximum():

@@ -10,8 +10,9 @@ import pytest
 
 from almt_pipeline.config import config_from_dict
 from almt_pipeline.errors import ConfigError, ExtractionError
-from almt_pipeline.extractors.runner import ClipExtractor, extract, fit_length
-from almt_pipeline.features import load_features, safe_load_pickle
+from almt_pipeline.extractors.clip import ClipExtractor
+from almt_pipeline.extractors.runner import extract
+from almt_pipeline.features import fit_length, load_features, safe_load_pickle
 
 TEXT_LEN, AUDIO_LEN, VISION_LEN = 16, 64, 4
 MINI_IDS = {
@@ -125,6 +126,7 @@ def test_rerun_uses_cache_and_gives_same_output(mini_run, data_dir, cfg):
     assert len(entries) == 6
 
 
+@pytest.mark.slow  # spawns worker processes that each load the models (~10-40 s)
 def test_workers_give_same_output(mini_run, data_dir, cfg, tmp_path):
     out, _ = mini_run
     out2 = tmp_path / "par.pkl"

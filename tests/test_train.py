@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import make_synthetic
 
-from almt_pipeline import train as train_mod
+from almt_pipeline import runs
 from almt_pipeline.config import Config, ModelConfig, TrainConfig
 from almt_pipeline.errors import AlmtError, ConfigError, TrainingError
-from almt_pipeline.features import load_features, make_synthetic, save_features, SPLITS
-from almt_pipeline.train import evaluate, lr_at_epoch, make_scheduler, train
+from almt_pipeline.evaluate import evaluate
+from almt_pipeline.features import SPLITS, load_features, save_features
+from almt_pipeline.train import lr_at_epoch, make_scheduler, train
 
 TEXT_LEN, AUDIO, VISION, TEXT_DIM = 12, (20, 5), (16, 6), 32
 
@@ -171,17 +173,17 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path, mo
     cfg = tiny_config(text_model, epochs=4, warmup_ratio=0.25)
     straight = train(cfg, data, tmp_path / "straight", device="cpu", quiet=True)
 
-    real_save = train_mod._save_state
+    real_save = runs.save_state
 
     def save_then_interrupt(path, state):
         real_save(path, state)
         if state["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_save_state", save_then_interrupt)
+    monkeypatch.setattr(runs, "save_state", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, data, tmp_path / "resumed", device="cpu", quiet=True)
-    monkeypatch.setattr(train_mod, "_save_state", real_save)
+    monkeypatch.setattr(runs, "save_state", real_save)
     assert len(_history(tmp_path / "resumed")) == 2
     resumed = train(cfg, data, tmp_path / "resumed", device="cpu", resume=True, quiet=True)
 
@@ -307,3 +309,20 @@ def test_token_ids_outside_the_text_models_vocabulary(tiny, tmp_path):
     path = _rewrite(data, tmp_path / "big_ids.pkl", big_ids)
     with pytest.raises(TrainingError, match="token id 40000 .* --text-model"):
         train(tiny_config(text_model, epochs=1), path, tmp_path / "run", device="cpu", quiet=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_mixed_precision_training_is_finite_and_repeatable(tiny, tmp_path, amp):
+    """On CUDA with autocast: losses stay finite, the checkpoint evaluates, and the same seed gives
+    the same run twice (deterministic kernels are requested by train)."""
+    text_model, data = tiny
+    cfg = tiny_config(text_model, epochs=3, amp=amp)
+    first = train(cfg, data, tmp_path / "a", device="cuda", quiet=True)
+    second = train(cfg, data, tmp_path / "b", device="cuda", quiet=True)
+    history = _history(tmp_path / "a")
+    assert len(history) == 3 and all(math.isfinite(r["train_loss"]) for r in history)
+    assert _strip(history) == _strip(_history(tmp_path / "b"))
+    assert first["test"] == second["test"] and first["device"].startswith("cuda")
+    result = evaluate(tmp_path / "a" / "checkpoint", data, split="test", device="cuda", quiet=True)
+    assert result["metrics"]["MAE"] == pytest.approx(first["test"]["MAE"], abs=1e-3)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import builtins
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from almt_pipeline.config import VisualConfig
 from almt_pipeline.errors import ConfigError, DependencyError
+from almt_pipeline.extractors import faces as F
 from almt_pipeline.extractors import visual as V
 from almt_pipeline.extractors.pyfeat_backend import (
     AU_COLUMNS,
@@ -47,10 +50,10 @@ def astronaut() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def landmarks_fz() -> V.LandmarkFaceFeaturizer:
-    return V.make_face_featurizer(VisualConfig())
+    return F.make_face_featurizer(VisualConfig())
 
 
-def _col(fz, vf: V.VisualFeatures, name: str) -> np.ndarray:
+def _col(fz, vf: F.VisualFeatures, name: str) -> np.ndarray:
     return vf.features[:, fz.feature_names.index(name)]
 
 
@@ -64,14 +67,30 @@ def test_feature_names_fixed(landmarks_fz):
     assert names[0] == "face_found" and landmarks_fz.backend == "landmarks"
     assert landmarks_fz.fps == VisualConfig().fps
     with pytest.raises(ConfigError, match="unknown visual backend"):
-        V.make_face_featurizer(VisualConfig(backend="openface"))
+        F.make_face_featurizer(VisualConfig(backend="openface"))
     with pytest.raises(ConfigError, match="detect_every"):
-        V.make_face_featurizer(VisualConfig(detect_every=0))
+        F.make_face_featurizer(VisualConfig(detect_every=0))
+
+
+def test_backends_depend_on_faces_only():
+    # Each backend imports the shared module and never the other backend; the shared module
+    # imports no backend, it finds them by name when a featurizer is built.
+    code = (
+        "import sys\n"
+        "import almt_pipeline.extractors.faces\n"
+        "assert 'almt_pipeline.extractors.visual' not in sys.modules\n"
+        "assert 'almt_pipeline.extractors.pyfeat_backend' not in sys.modules\n"
+        "import almt_pipeline.extractors.pyfeat_backend\n"
+        "assert 'almt_pipeline.extractors.visual' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert set(F.BACKENDS) == {"landmarks", "pyfeat"}
+    assert V.LANDMARKS_FEATURE_NAMES[:1] == F.FACE_FLAG and V.LANDMARKS_FEATURE_NAMES[-136:] == F.LANDMARK_NAMES
+    assert pyfeat_feature_names(True)[-136:] == F.LANDMARK_NAMES
+    assert type(F.make_face_featurizer(VisualConfig())) is V.LandmarkFaceFeaturizer
 
 
 def test_shape_predictor_found_without_importing_package():
-    import sys
-
     path = V.shape_predictor_path()
     assert path.name == V.SHAPE_PREDICTOR_FILE and path.is_file()
     assert "face_recognition_models" not in sys.modules
@@ -95,7 +114,7 @@ def test_head_pose_recovers_projected_model(pose):
     rvec, _ = cv2.Rodrigues(rot)
     cam = V.camera_matrix(320, 180, np.array([160.0, 90.0]))
     proj, _ = cv2.projectPoints(V.POSE_MODEL, rvec, np.array([0.0, 0.0, 600.0]), cam, None)
-    pts = np.repeat(proj.reshape(-1, 2).mean(axis=0, keepdims=True), V.N_LANDMARKS, axis=0)  # (68, 2)
+    pts = np.repeat(proj.reshape(-1, 2).mean(axis=0, keepdims=True), F.N_LANDMARKS, axis=0)  # (68, 2)
     pts[V.POSE_POINTS] = proj.reshape(-1, 2)
     est = V.head_pose(pts, 320, 180)
     assert est is not None and np.allclose(est, pose, atol=0.03)
@@ -109,12 +128,12 @@ def test_head_pose_recovers_projected_model(pose):
 
 
 def test_expression_measures_respond_to_mouth():
-    pts = np.zeros((V.N_LANDMARKS, 2))
-    pts[V.EYE_R] = [100, 100]
-    pts[V.EYE_L] = [160, 100]  # IOD = 60 px
+    pts = np.zeros((F.N_LANDMARKS, 2))
+    pts[F.EYE_R] = [100, 100]
+    pts[F.EYE_L] = [160, 100]  # IOD = 60 px
     pts[[V.MOUTH_R, V.MOUTH_L]] = [[110, 180], [150, 180]]
     pts[[V.INNER_UPPER_LIP, V.INNER_LOWER_LIP]] = [[130, 178], [130, 190]]
-    m = dict(zip(V.EXPRESSION_NAMES, V.expression_measures(pts)))
+    m = dict(zip(V.EXPRESSION_NAMES, V.expression_measures(pts), strict=True))
     assert m["mouth_open"] == pytest.approx(12 / 60)
     assert m["mouth_width"] == pytest.approx(40 / 60)
     assert m["lip_corner_raise"] == pytest.approx((184 - 180) / 60)  # corners above the centre
@@ -130,7 +149,7 @@ def test_expression_measures_respond_to_mouth():
 
 def test_frontal_face(astronaut):
     # Detection at full size: at 320 px this face is near the HOG detector's ~80 px minimum.
-    landmarks_fz = V.make_face_featurizer(VisualConfig(max_side=max(astronaut.shape[:2])))
+    landmarks_fz = F.make_face_featurizer(VisualConfig(max_side=max(astronaut.shape[:2])))
     vf = landmarks_fz([(0.0, astronaut), (0.1, astronaut)])
     assert vf.features.dtype == np.float32 and vf.features.shape == (2, landmarks_fz.dim)
     assert vf.face_found.all() and np.isfinite(vf.features).all()
@@ -146,7 +165,7 @@ def test_position_and_zoom_do_not_matter(astronaut):
     import cv2
 
     h, w = astronaut.shape[:2]
-    fz = V.make_face_featurizer(VisualConfig(max_side=max(h, w), detect_every=1))
+    fz = F.make_face_featurizer(VisualConfig(max_side=max(h, w), detect_every=1))
     x0 = w // 10  # zoom in 1.5x and shift: the face lands elsewhere, larger
     zoomed = cv2.resize(astronaut, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_LINEAR)[:h, x0:x0 + w]
     vf = fz([(0.0, astronaut), (0.1, zoomed), (0.2, np.ascontiguousarray(astronaut[:, ::-1]))])
@@ -178,12 +197,12 @@ def test_tracking_between_detections(name):
         if t >= 4.0:
             break
         frames.append((t, frame.copy()))
-    tracked = V.make_face_featurizer(VisualConfig(detect_every=5))
+    tracked = F.make_face_featurizer(VisualConfig(detect_every=5))
     vf = tracked(frames)
     assert vf.face_fraction >= 0.9
     stats = tracked.last_stats
     assert stats["tracked"] > stats["detections"] and stats["detections"] < len(frames)
-    every = V.make_face_featurizer(VisualConfig(detect_every=1))(frames)
+    every = F.make_face_featurizer(VisualConfig(detect_every=1))(frames)
     both = vf.face_found & every.face_found
     lm = slice(tracked.feature_names.index("lm_x_0"), None)
     assert np.abs(vf.features[both, lm] - every.features[both, lm]).mean() < 0.05  # IOD units
@@ -191,7 +210,7 @@ def test_tracking_between_detections(name):
 
 def test_lost_track_and_backfill():
     _, face = next(iter(iter_frames(_find("speech_face.mp4"), 10, 320)))
-    fz = V.make_face_featurizer(VisualConfig(detect_every=4))
+    fz = F.make_face_featurizer(VisualConfig(detect_every=4))
     blank = np.full_like(face, 128)
     # A face, then a blank frame (tracking must fail, not follow a ghost), then the face again:
     # the frames before the next scheduled detection are filled in by tracking backwards.
@@ -225,11 +244,11 @@ class StandInDetector:
         for i in range(inputs.shape[0]):
             faces = self.faces_per_frame[self.seen + i]
             for x, y, w, h, value in faces or [(np.nan, np.nan, np.nan, np.nan, np.nan)]:
-                row = dict(zip(FACEBOX_COLUMNS, [x, y, w, h, 0.0 if np.isnan(x) else 0.99]))
+                row = dict(zip(FACEBOX_COLUMNS, [x, y, w, h, 0.0 if np.isnan(x) else 0.99], strict=True))
                 lm = np.arange(len(LANDMARK_COLUMNS), dtype=float)
                 xs = x + w * (0.2 + 0.6 * (lm[:68] % 17) / 16)
                 ys = y + h * (0.2 + 0.6 * (lm[68:] - 68) / 67)
-                row.update(zip(LANDMARK_COLUMNS, np.concatenate([xs, ys])))
+                row.update(zip(LANDMARK_COLUMNS, np.concatenate([xs, ys]), strict=True))
                 row.update({"Pitch": value, "Roll": -value, "Yaw": 2 * value, "X": 0, "Y": 0, "Z": 0})
                 row.update({au: value / 10 for au in AU_COLUMNS})
                 row.update({emo: value / 100 for emo in EMOTION_COLUMNS})
@@ -280,13 +299,12 @@ def test_pyfeat_missing_gives_dependency_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_feat)
-    fz = V.make_face_featurizer(VisualConfig(backend="pyfeat", pyfeat_device="cpu"))  # lazy: no error yet
+    fz = F.make_face_featurizer(VisualConfig(backend="pyfeat", pyfeat_device="cpu"))  # lazy: no error yet
     with pytest.raises(DependencyError, match="py-feat is not installed.*landmarks"):
         fz([(0.0, np.zeros((32, 32, 3), np.uint8))])
 
 
 def test_pyfeat_weights_unavailable_gives_dependency_error(monkeypatch):
-    import sys
     import types
 
     def offline(**kwargs):

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -74,7 +73,7 @@ class Transcriber:
         self.vad_filter = vad_filter
         resolved = resolve_asr_model(model)
         try:
-            self.model: Any = WhisperModel(
+            self.model: WhisperModel = WhisperModel(
                 resolved,
                 device=device,
                 compute_type=compute_type,
@@ -132,7 +131,7 @@ def srt_to_text(srt: str) -> str:
     return " ".join(kept)
 
 
-def sidecar_paths(clip_path: str | os.PathLike) -> list[Path]:
+def sidecar_paths(clip_path: str | os.PathLike[str]) -> list[Path]:
     """Where a transcript for ``clip_path`` may be: ``<stem>.txt|.srt``, then ``<name>.txt|.srt``."""
     clip = Path(clip_path)
     out = [clip.with_suffix(s) for s in SIDECAR_SUFFIXES]
@@ -140,7 +139,7 @@ def sidecar_paths(clip_path: str | os.PathLike) -> list[Path]:
     return out
 
 
-def read_sidecar_transcript(clip_path: str | os.PathLike) -> str | None:
+def read_sidecar_transcript(clip_path: str | os.PathLike[str]) -> str | None:
     """Transcript from ``<clip>.txt`` or ``<clip>.srt`` next to the clip, or None when there is none
     (or it is empty). Whitespace is collapsed to single spaces."""
     for path in sidecar_paths(clip_path):

@@ -18,11 +18,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExtractionError
-from ..features import SPLITS
+from ..schema import check_split
+from .asr import read_sidecar_transcript
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +60,14 @@ class ClipSpec:
         return self.id.split(ID_SEPARATOR, 1)[0]
 
 
-def discover(input_path: str | Path, unlabeled_split: str = "test") -> list[ClipSpec]:
+def discover(input_path: str | os.PathLike[str], unlabeled_split: str = "test") -> list[ClipSpec]:
     """List the clips under ``input_path`` in a deterministic order.
 
     A folder with a ``label.csv`` is read as an MMSA-FET dataset (rows in file order); any other
     folder is searched recursively for clips (sorted by relative path) that go to
     ``unlabeled_split`` with NaN labels; a single file is one unlabeled clip.
     """
-    if unlabeled_split not in SPLITS:
-        raise ExtractionError(
-            f"unlabeled split must be one of {', '.join(SPLITS)}, got {unlabeled_split!r}"
-        )
+    check_split(unlabeled_split, "the unlabeled split")
     root = Path(input_path)
     if not root.exists():
         raise ExtractionError(f"{root}: no such file or folder")
@@ -165,7 +164,7 @@ def _row_to_spec(row: dict, line_no: int, csv_path: Path, raw_dir: Path, unimoda
     text: str | None = cell("text") or None
     text_source: str | None = "label.csv" if text else None
     if text is None and path.is_file():
-        text = _sidecar(path)
+        text = read_sidecar_transcript(path)
         text_source = "sidecar" if text is not None else None
 
     return ClipSpec(
@@ -229,7 +228,7 @@ def list_plain_clips(root: str | Path, split: str = "test") -> list[ClipSpec]:
         if spec_id in seen:  # a.mp4 and a.mkv side by side
             spec_id = f"{video_id}{ID_SEPARATOR}{path.name}"
         seen.add(spec_id)
-        text = _sidecar(path)
+        text = read_sidecar_transcript(path)
         specs.append(ClipSpec(
             id=spec_id, path=path, split=split, text=text,
             text_source="sidecar" if text is not None else None, label=math.nan,
@@ -243,8 +242,3 @@ def _is_clip(path: Path, root: Path) -> bool:
     rel = path.relative_to(root).parts
     return not any(part.startswith(".") or part in SKIP_DIRS for part in rel)
 
-
-def _sidecar(clip_path: Path) -> str | None:
-    from .asr import read_sidecar_transcript
-
-    return read_sidecar_transcript(clip_path)

@@ -11,21 +11,29 @@ its weights from the Hugging Face hub on first use, so it is an optional extra.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..config import VisualConfig
 from ..errors import ConfigError, DependencyError, ExtractionError
-from .visual import (
-    LANDMARK_NAMES,
-    N_LANDMARKS,
-    POSE_NAMES,
-    VisualFeatures,
-    normalise_landmarks,
-)
+from ..utils import resolve_device
+from .faces import FACE_FLAG, LANDMARK_NAMES, N_LANDMARKS, POSE_NAMES, VisualFeatures, normalise_landmarks
 
 if TYPE_CHECKING:
-    from ..config import VisualConfig
+    import torch
+
+# py-feat's result table: a ``Fex``, i.e. a pandas.DataFrame subclass (pandas has no type stubs here).
+Fex = Any
+
+
+class FexDetector(Protocol):
+    """The part of py-feat's ``Detectorv1`` used here: one ``Fex`` table per batch of frames."""
+
+    def detect(self, inputs: torch.Tensor, data_type: str = ..., batch_size: int = ...,
+               progress_bar: bool = ..., face_detection_threshold: float = ...) -> Fex: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +52,11 @@ NOT_INSTALLED = ("py-feat is not installed: pip install 'almt-pipeline[pyfeat]' 
 
 def pyfeat_feature_names(with_landmarks: bool) -> list[str]:
     """face_found, 20 AU intensities, 7 emotion probabilities, head pose [, 136 landmarks]."""
-    names = ["face_found"] + AU_COLUMNS + EMOTION_COLUMNS + POSE_NAMES
+    names = FACE_FLAG + AU_COLUMNS + EMOTION_COLUMNS + POSE_NAMES
     return names + (LANDMARK_NAMES if with_landmarks else [])
 
 
-def build_pyfeat_detector(device: Any) -> Any:
+def build_pyfeat_detector(device: torch.device | str) -> FexDetector:
     """py-feat's ``Detectorv1`` on ``device`` (identity and gaze models off: not used here)."""
     try:
         from feat.detector import Detectorv1
@@ -68,7 +76,7 @@ def build_pyfeat_detector(device: Any) -> Any:
         ) from e
 
 
-def rows_from_fex(fex: Any, n_frames: int, with_landmarks: bool) -> tuple[np.ndarray, np.ndarray]:
+def rows_from_fex(fex: Fex, n_frames: int, with_landmarks: bool) -> tuple[np.ndarray, np.ndarray]:
     """py-feat detections for ``n_frames`` frames -> ((n_frames, d) float32, (n_frames,) bool).
 
     Keeps the largest face of each frame; frames without a valid face box stay zero."""
@@ -113,7 +121,7 @@ class PyFeatFaceFeaturizer:
 
     backend = "pyfeat"
 
-    def __init__(self, cfg: "VisualConfig", detector: Any = None, batch_size: int = 16,
+    def __init__(self, cfg: VisualConfig, detector: FexDetector | None = None, batch_size: int = 16,
                  face_threshold: float = 0.5) -> None:
         if batch_size < 1:
             raise ConfigError(f"py-feat batch_size must be >= 1, got {batch_size}")
@@ -128,10 +136,8 @@ class PyFeatFaceFeaturizer:
         self._detector = detector
 
     @property
-    def detector(self) -> Any:
+    def detector(self) -> FexDetector:
         if self._detector is None:
-            from ..utils import resolve_device
-
             device = resolve_device(self.cfg.pyfeat_device)
             logger.info("loading py-feat Detectorv1 on %s", device)
             self._detector = build_pyfeat_detector(device)
@@ -188,4 +194,4 @@ class PyFeatFaceFeaturizer:
                               times=np.asarray(times, np.float32))
 
 
-__all__ = ["PyFeatFaceFeaturizer", "build_pyfeat_detector", "pyfeat_feature_names", "rows_from_fex"]
+__all__ = ["FexDetector", "PyFeatFaceFeaturizer", "build_pyfeat_detector", "pyfeat_feature_names", "rows_from_fex"]

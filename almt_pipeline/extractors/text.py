@@ -9,12 +9,18 @@ positions too, so this does the same).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ExtractionError
+from ..model.text_encoder import load_text_model
+from ..utils import resolve_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +51,23 @@ class TextFeaturizer:
         text_len: int,
         device: str = "cpu",
         *,
-        model: Any = None,
-        tokenizer: Any = None,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         import torch
 
-        from ..utils import resolve_device
-
         if text_len < 2:
             raise ValueError(f"text_len must be >= 2 ([CLS] and [SEP]), got {text_len}")
-        if model is not None and tokenizer is None:
-            raise ValueError("a model needs its tokenizer")
-        if model is None and tokenizer is None:
-            from ..model.text_encoder import load_text_model
-
+        if tokenizer is None:
+            if model is not None:
+                raise ValueError("a model needs its tokenizer")
             model, tokenizer = load_text_model(text_model)
         self.text_model = text_model
         self.text_len = int(text_len)
         self.device = resolve_device(device)
         self.tokenizer = tokenizer
-        self.model = model.to(self.device).eval() if model is not None else None
+        # transformers types PreTrainedModel.to through functools.wraps, which loses the bound self
+        self.model = model.to(self.device).eval() if model is not None else None  # type: ignore[arg-type]
         self.hidden_size = int(model.config.hidden_size) if model is not None else 0
         self._torch = torch
 

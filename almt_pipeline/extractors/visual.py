@@ -1,22 +1,15 @@
-"""Per-frame facial features from sampled video frames.
+"""Landmarks face backend: dlib's detector, 68-point landmarks and the geometry built on them.
 
-Two backends share one interface (:class:`FaceFeaturizer`): called on an iterable of
-``(t_seconds, HxWx3 uint8 RGB frame)`` pairs (what :func:`almt_pipeline.media.iter_frames`
-yields), a featurizer returns :class:`VisualFeatures` with one row per frame.
-
-- ``landmarks`` (default, offline): dlib's HOG frontal face detector and the 68-point shape
-  predictor shipped in the ``face-recognition-models`` wheel. Per frame: face flag, face box,
-  detector score, head pose from the landmarks (PnP on a generic 3-D face), geometric expression
-  measures and the 68 landmarks normalised for position and scale. The detector runs every
-  ``detect_every`` frames; in between, landmarks are fitted in a box derived from the previous
-  frame's landmarks, with a re-detection whenever tracking fails.
-- ``pyfeat``: py-feat's ``Detectorv1`` (AU intensities, emotions, head pose); see
-  :mod:`almt_pipeline.extractors.pyfeat_backend`.
+dlib's HOG frontal face detector and the 68-point shape predictor shipped in the
+``face-recognition-models`` wheel, fully offline. Per frame: face flag, face box, detector score,
+head pose from the landmarks (PnP on a generic 3-D face), geometric expression measures and the
+68 landmarks normalised for position and scale. The detector runs every ``detect_every`` frames;
+in between, landmarks are fitted in a box derived from the previous frame's landmarks, with a
+re-detection whenever tracking fails.
 
 Frames without a face are all zeros with the face flag 0. When several faces are visible the
-largest one is used. Landmark numbering is the 68-point iBUG/Multi-PIE scheme (the one OpenFace
-and py-feat use); "left"/"right" in feature names are the subject's, so "right eye" is points
-36-41, on the left of the image.
+largest one is used. The interface, result type and the names shared with the py-feat backend
+live in :mod:`almt_pipeline.extractors.faces`.
 """
 
 from __future__ import annotations
@@ -25,27 +18,39 @@ import importlib.resources
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..config import VisualConfig
 from ..errors import ConfigError, DependencyError, ExtractionError
+from .faces import (
+    BOX_NAMES,
+    EYE_L,
+    EYE_R,
+    FACE_FLAG,
+    LANDMARK_NAMES,
+    POSE_NAMES,
+    VisualFeatures,
+    eye_centres,
+    interocular,
+    make_face_featurizer,  # noqa: F401 - kept importable from here for existing callers
+    normalise_landmarks,
+)
 
 if TYPE_CHECKING:
-    from ..config import VisualConfig
+    import dlib
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("landmarks", "pyfeat")
-N_LANDMARKS = 68
 SHAPE_PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 
 # 68-point scheme indices (subject's right = image left).
 JAW = slice(0, 17)
 BROW_R, BROW_L = slice(17, 22), slice(22, 27)
-EYE_R, EYE_L = slice(36, 42), slice(42, 48)
 CHIN, NOSE_ROOT, NOSE_TIP, NOSE_BASE = 8, 27, 30, 33
 NOSE_WING_R, NOSE_WING_L = 31, 35
 BROW_R_INNER, BROW_L_INNER = 21, 22
@@ -76,9 +81,6 @@ FACE_MODEL_3D: dict[int, tuple[float, float, float]] = {
 POSE_POINTS = np.array(list(FACE_MODEL_3D), dtype=np.int64)
 POSE_MODEL = np.array(list(FACE_MODEL_3D.values()), dtype=np.float64)  # (P, 3)
 
-FACE_FLAG = ["face_found"]
-BOX_NAMES = ["face_x", "face_y", "face_w", "face_h", "det_score"]
-POSE_NAMES = ["head_pitch", "head_yaw", "head_roll"]
 EXPRESSION_NAMES = [
     "mouth_open",          # inner-lip gap (62-66): jaw drop / lips part (AU25/26)
     "mouth_width",         # lip-corner distance (48-54): lip-corner pull (AU12) / stretch (AU20)
@@ -96,65 +98,10 @@ EXPRESSION_NAMES = [
     "nose_wrinkle",        # nose wings (31, 35) to inner eye corners; shorter in AU9
     "nose_width",          # nose wing distance (31-35); wider in AU9/AU10
 ]
-LANDMARK_NAMES = [f"lm_x_{i}" for i in range(N_LANDMARKS)] + [f"lm_y_{i}" for i in range(N_LANDMARKS)]
 LANDMARKS_FEATURE_NAMES = FACE_FLAG + BOX_NAMES + POSE_NAMES + EXPRESSION_NAMES + LANDMARK_NAMES
 
 
-@dataclass
-class VisualFeatures:
-    """Per-frame face features of one clip."""
-
-    features: np.ndarray  # (T, d) float32, finite; zeros where no face
-    face_found: np.ndarray  # (T,) bool
-    times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (T,) seconds
-
-    @property
-    def face_fraction(self) -> float:
-        return float(self.face_found.mean()) if len(self.face_found) else 0.0
-
-
-class FaceFeaturizer(Protocol):
-    """What both backends provide."""
-
-    backend: str
-    fps: float
-    feature_names: list[str]
-    dim: int
-
-    def __call__(self, frames: Iterable[tuple[float, np.ndarray]]) -> VisualFeatures: ...
-
-
-def make_face_featurizer(cfg: "VisualConfig") -> FaceFeaturizer:
-    """Build the featurizer named by ``cfg.backend`` (``landmarks`` or ``pyfeat``)."""
-    if cfg.backend == "landmarks":
-        return LandmarkFaceFeaturizer(cfg)
-    if cfg.backend == "pyfeat":
-        from .pyfeat_backend import PyFeatFaceFeaturizer
-
-        return PyFeatFaceFeaturizer(cfg)
-    raise ConfigError(f"unknown visual backend {cfg.backend!r} (use one of {', '.join(BACKENDS)})")
-
-
 # ----------------------------------------------------------------------------- geometry helpers
-
-
-def eye_centres(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centres of the subject's right and left eye, each (2,). ``pts`` is (68, 2)."""
-    return pts[EYE_R].mean(axis=0), pts[EYE_L].mean(axis=0)
-
-
-def interocular(pts: np.ndarray) -> float:
-    """Distance between the two eye centres, in the units of ``pts`` (68, 2)."""
-    right, left = eye_centres(pts)
-    return float(np.linalg.norm(left - right))
-
-
-def normalise_landmarks(pts: np.ndarray) -> np.ndarray:
-    """(68, 2) image points -> (136,) [x_0..x_67, y_0..y_67], centred on the landmark mean and
-    divided by the inter-ocular distance, so frame position and zoom do not matter."""
-    iod = max(interocular(pts), 1e-6)
-    centred = (pts - pts.mean(axis=0)) / iod  # (68, 2)
-    return np.concatenate([centred[:, 0], centred[:, 1]])
 
 
 def upright_face(pts: np.ndarray) -> np.ndarray:
@@ -170,7 +117,7 @@ def upright_face(pts: np.ndarray) -> np.ndarray:
 def eye_aspect_ratio(eye: np.ndarray) -> float:
     """Eye opening of a 6-point eye contour (corner, 2 upper, corner, 2 lower): vertical / width."""
     vertical = np.linalg.norm(eye[1] - eye[5]) + np.linalg.norm(eye[2] - eye[4])
-    return float(vertical / (2.0 * max(np.linalg.norm(eye[0] - eye[3]), 1e-6)))
+    return float(vertical / (2.0 * max(float(np.linalg.norm(eye[0] - eye[3])), 1e-6)))
 
 
 def expression_measures(pts: np.ndarray) -> np.ndarray:
@@ -282,7 +229,7 @@ def shape_predictor_path() -> Path:
     )
 
 
-def _largest(rects, scores) -> tuple[object, float] | None:
+def _largest(rects: Sequence[dlib.rectangle], scores: Sequence[float]) -> tuple[dlib.rectangle, float] | None:
     if len(rects) == 0:
         return None
     best = max(range(len(rects)), key=lambda i: rects[i].width() * rects[i].height())
@@ -338,7 +285,7 @@ class LandmarkFaceFeaturizer:
     upsample = 0  # dlib detector upsampling (0: faces above ~80 px at max_side)
     refine_steps = 0  # extra landmark fits per tracked frame (each ~2.5 ms)
 
-    def __init__(self, cfg: "VisualConfig") -> None:
+    def __init__(self, cfg: VisualConfig) -> None:
         if cfg.detect_every < 1:
             raise ConfigError(f"visual.detect_every must be >= 1, got {cfg.detect_every}")
         if cfg.max_side < 32:
@@ -431,6 +378,20 @@ class LandmarkFaceFeaturizer:
         row = np.concatenate([[1.0], box, pose, expression_measures(pts), normalise_landmarks(pts)])
         return np.nan_to_num(row, nan=0.0, posinf=0.0, neginf=0.0)
 
+    def _backfill(self, track: _Track, pending: list[tuple[int, np.ndarray]],
+                  rows: list[np.ndarray | None]) -> int:
+        """Follow a newly detected face back through the ``pending`` (index, gray) frames that
+        were skipped while no face was known, filling ``rows``; returns how many were filled."""
+        filled = 0
+        for j, g in reversed(pending):
+            followed = self._follow(g, track)
+            if followed is None:
+                break
+            track = followed
+            rows[j] = self._row(track, g.shape[1], g.shape[0])
+            filled += 1
+        return filled
+
     # -- clip --------------------------------------------------------------------------------
 
     def __call__(self, frames: Iterable[tuple[float, np.ndarray]]) -> VisualFeatures:
@@ -468,14 +429,7 @@ class LandmarkFaceFeaturizer:
                 pending.clear()
                 continue
             rows[index] = self._row(track, width, height)
-            # Frames skipped while no face was known: follow the new face back through them.
-            back = track
-            for j, g in reversed(pending):
-                back = self._follow(g, back)
-                if back is None:
-                    break
-                rows[j] = self._row(back, g.shape[1], g.shape[0])
-                stats["backfilled"] += 1
+            stats["backfilled"] += self._backfill(track, pending, rows)
             pending.clear()
 
         features = np.zeros((len(rows), self.dim), dtype=np.float32)  # (T, d)

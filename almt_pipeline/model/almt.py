@@ -10,17 +10,22 @@ Default mode is the released code's: padded frames and padded text positions are
 modality embeddings without a mask. With ``cfg.masked`` the lengths and the text attention mask
 become key-padding masks, and each batch is trimmed to its longest real sequence first.
 
-Speed without changing the maths:
-- attention is ``scaled_dot_product_attention`` (fused kernels, no materialised score matrix);
-- the three pre-norm LayerNorms of a block share one normalisation of their common input;
-  their affine parameters are folded into the Q/K/V weights so one matmul gives Q, K and V;
-- only the first ``n_tokens`` outputs of a modality embedding are kept, so its last block only
-  queries those positions (every position is still a key). With so few queries the key and value
-  projections are moved to the query side, so attention runs over the D-wide normalised input
-  instead of projecting every frame to ``heads * dim_head`` twice. (The key LayerNorm's bias of
-  that block adds the same score to every key of a query and cancels in the softmax, in the
-  released code too; here it simply receives no gradient);
-- the last fusion block only computes the output at position 0, the one the head reads.
+Attention is ``scaled_dot_product_attention`` (fused kernels, no materialised score matrix), and
+only the outputs that are used are computed: the last block of a modality embedding queries only
+the first ``n_tokens`` positions (every position is still a key), the last fusion block only
+position 0, the one the head reads.
+
+Two attention paths, same parameters, same function (``cfg.fast_attention`` chooses):
+- :meth:`Attention.forward`, the reference: LayerNorms -> Q/K/V projections -> attention -> output
+  projection, as the paper writes it. Check the model against the paper here.
+- :meth:`Attention.forward_fast` (the default, for training speed): the three pre-norm LayerNorms
+  of a block share one normalisation of their common input and their affine parameters are
+  folded into the Q/K/V weights, so one matmul gives Q, K and V. In the few-queries block of a
+  modality embedding the key and value projections are moved to the query side, so attention runs
+  over the D-wide normalised input instead of projecting every frame to ``heads * dim_head``
+  twice. The key LayerNorm's bias of that block adds the same score to every key of a query and
+  cancels in the softmax (in the released code too): its gradient is zero in the reference path
+  and absent (``None``) in the fast one.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
-from ..errors import ConfigError
+from ..config import ModelConfig, check_model_config
+from ..errors import ConfigError, TextModelError
+from .text_encoder import load_text_config
 
 
 def _folded(norm: nn.LayerNorm, proj: nn.Linear) -> tuple[Tensor, Tensor]:
@@ -44,10 +50,13 @@ class Attention(nn.Module):
     """Pre-norm multi-head attention: LayerNorms on query, key and value inputs, bias-free
     Q/K/V projections to ``heads * dim_head``, softmax attention, ``Linear(inner -> dim)``.
 
-    Returns the attention output without the residual.
+    ``forward`` is the reference computation, written as the paper states it; ``forward_fast``
+    computes the same function with the LayerNorm affines folded into the projections and, when
+    only a few query rows are wanted, the key/value projections moved to the query side. Both
+    return the attention output without the residual and take the same arguments.
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head = heads, dim_head
@@ -57,9 +66,6 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
         self.drop = nn.Dropout(dropout)
-
-    def _normalise(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.norm_q.eps)  # affine folded elsewhere
 
     def _split(self, t: Tensor) -> Tensor:
         b, n, _ = t.shape
@@ -76,8 +82,27 @@ class Attention(nn.Module):
         """x (B, N, D) queries; src (B, S, D) keys/values (None: self-attention over x);
         key_mask (B, 1, 1, S) bool, True = attend; n_queries: only query x[:, :n_queries].
         Returns (B, N or n_queries, D)."""
+        src = x if src is None else src  # (B, S, D)
+        if n_queries is not None:
+            x = x[:, :n_queries]  # (B, n, D)
+        q = self._split(self.to_q(self.norm_q(x)))  # (B, h, N, e)
+        k = self._split(self.to_k(self.norm_k(src)))  # (B, h, S, e)
+        v = self._split(self.to_v(self.norm_v(src)))  # (B, h, S, e)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, h, N, e)
+        return self.drop(self.to_out(self._merge(out)))  # (B, N, D)
+
+    def forward_fast(
+        self, x: Tensor, src: Tensor | None = None, key_mask: Tensor | None = None,
+        n_queries: int | None = None,
+    ) -> Tensor:
+        """Same arguments and result as :meth:`forward`, fewer operations.
+
+        The three LayerNorms share one normalisation of their input and their affines are folded
+        into the projection weights, so Q, K and V come from one matmul (self-attention) or two
+        (cross-attention). Self-attention with ``n_queries`` goes to :meth:`_fast_few_queries`.
+        """
         if src is None and n_queries is not None:
-            return self._few_queries(x, n_queries, key_mask)
+            return self._fast_few_queries(x, n_queries, key_mask)
         if n_queries is not None:
             x = x[:, :n_queries]  # (B, n, D)
         wq, bq = _folded(self.norm_q, self.to_q)
@@ -88,18 +113,25 @@ class Attention(nn.Module):
             q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, N, h*e)
         else:
             q = F.linear(self._normalise(x), wq, bq)  # (B, N, h*e)
-            k, v = F.linear(self._normalise(src), torch.cat([wk, wv]), torch.cat([bk, bv])).chunk(2, dim=-1)
+            kv = F.linear(self._normalise(src), torch.cat([wk, wv]), torch.cat([bk, bv]))  # (B, S, 2*h*e)
+            k, v = kv.chunk(2, dim=-1)  # 2 x (B, S, h*e)
         out = F.scaled_dot_product_attention(
             self._split(q), self._split(k), self._split(v), attn_mask=key_mask
         )  # (B, h, N, e)
         return self.drop(self.to_out(self._merge(out)))  # (B, N, D)
 
-    def _few_queries(self, x: Tensor, n: int, key_mask: Tensor | None) -> Tensor:
-        """Self-attention where only x[:, :n] is queried, keys/values projected on the query side.
+    def _normalise(self, x: Tensor) -> Tensor:
+        """LayerNorm without its affine (the three norms share ``eps``): (B, N, D) -> (B, N, D)."""
+        return F.layer_norm(x, x.shape[-1:], eps=self.norm_q.eps)
+
+    def _fast_few_queries(self, x: Tensor, n: int, key_mask: Tensor | None) -> Tensor:
+        """Fast self-attention where only x[:, :n] is queried, keys/values projected on the query side.
 
         score(i, j) = q_i . W_k (g_k * x^_j + b_k) = (g_k * W_k^T q_i) . x^_j + const(i), and the
-        constant drops out of the softmax; sum_j a_ij W_v (g_v * x^_j + b_v) =
+        constant drops out of the softmax (so ``norm_k.bias`` gets no gradient here; its gradient
+        in :meth:`forward` is zero too); sum_j a_ij W_v (g_v * x^_j + b_v) =
         W_v (g_v * sum_j a_ij x^_j + b_v) because the weights sum to one.
+        x (B, N, D) -> (B, n, D).
         """
         b, _, dim = x.shape
         h, e = self.heads, self.dim_head
@@ -121,7 +153,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """Pre-norm MLP: LN -> Linear(D -> mlp) -> GELU -> Linear(mlp -> D)."""
 
-    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, mlp_dim)
@@ -133,20 +165,29 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """x = x + Attn(x, src); x = x + FF(x). Self-attention when ``src`` is None."""
+    """x = x + Attn(x, src); x = x + FF(x). Self-attention when ``src`` is None.
 
-    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0):
+    ``fast_attention`` picks :meth:`Attention.forward_fast` instead of the reference
+    :meth:`Attention.forward`; the parameters are the same either way.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0,
+        fast_attention: bool = False,
+    ) -> None:
         super().__init__()
         self.attn = Attention(dim, heads, dim_head, dropout)
         self.ff = FeedForward(dim, mlp_dim, dropout)
+        self.fast_attention = fast_attention
 
     def forward(
         self, x: Tensor, src: Tensor | None = None, key_mask: Tensor | None = None,
         n_queries: int | None = None,
     ) -> Tensor:
         """x (B, N, D) -> (B, N, D), or (B, n_queries, D) when only the first outputs are needed."""
-        residual = x if n_queries is None else x[:, :n_queries]
-        x = residual + self.attn(x, src, key_mask, n_queries)
+        residual = x if n_queries is None else x[:, :n_queries]  # (B, N or n_queries, D)
+        attend = self.attn.forward_fast if self.fast_attention else self.attn
+        x = residual + attend(x, src, key_mask, n_queries)
         return x + self.ff(x)
 
 
@@ -154,7 +195,7 @@ class ModalityEmbedding(nn.Module):
     """Linear(d_m -> D), T learnable tokens prepended, positional embedding, transformer;
     returns the T token outputs."""
 
-    def __init__(self, in_dim: int, max_len: int, cfg: ModelConfig):
+    def __init__(self, in_dim: int, max_len: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_tokens = cfg.n_tokens
         self.max_len = max_len
@@ -162,7 +203,8 @@ class ModalityEmbedding(nn.Module):
         self.tokens = nn.Parameter(torch.zeros(1, cfg.n_tokens, cfg.dim))  # (1, T, D)
         self.pos = nn.Parameter(torch.randn(1, cfg.n_tokens + max_len, cfg.dim))  # (1, T + T_max, D)
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.embed_heads, cfg.embed_dim_head, cfg.embed_mlp_dim, cfg.dropout)
+            Block(cfg.dim, cfg.embed_heads, cfg.embed_dim_head, cfg.embed_mlp_dim, cfg.dropout,
+                  cfg.fast_attention)
             for _ in range(cfg.embed_depth)
         )
 
@@ -188,7 +230,7 @@ class AHLLayer(nn.Module):
     """Adaptive hyper-modality learning layer: language queries attend to audio and to vision;
     H_hyper^j = LN4(H_hyper^(j-1)) + Linear_out(attn_audio + attn_vision)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head = heads, dim_head
@@ -209,12 +251,12 @@ class AHLLayer(nn.Module):
     def forward(self, h_l: Tensor, h_a: Tensor, h_v: Tensor, hyper: Tensor) -> Tensor:
         """h_l, h_a, h_v, hyper: (B, T, D) -> new hyper (B, T, D)."""
         q = self._heads(self.to_q(self.norm_lang(h_l)))  # (B, h, T, e)
-        w_a = torch.cat([self.to_k_audio.weight, self.to_v_audio.weight])
-        k_a, v_a = F.linear(self.norm_audio(h_a), w_a).chunk(2, dim=-1)  # 2 x (B, T, h*e)
-        w_v = torch.cat([self.to_k_vision.weight, self.to_v_vision.weight])
-        k_v, v_v = F.linear(self.norm_vision(h_v), w_v).chunk(2, dim=-1)  # 2 x (B, T, h*e)
-        out = F.scaled_dot_product_attention(q, self._heads(k_a), self._heads(v_a)) + \
-            F.scaled_dot_product_attention(q, self._heads(k_v), self._heads(v_v))  # (B, h, T, e)
+        audio = self.norm_audio(h_a)  # (B, T, D)
+        k_a, v_a = self._heads(self.to_k_audio(audio)), self._heads(self.to_v_audio(audio))  # 2 x (B, h, T, e)
+        vision = self.norm_vision(h_v)  # (B, T, D)
+        k_v, v_v = self._heads(self.to_k_vision(vision)), self._heads(self.to_v_vision(vision))  # 2 x (B, h, T, e)
+        out = F.scaled_dot_product_attention(q, k_a, v_a) + \
+            F.scaled_dot_product_attention(q, k_v, v_v)  # (B, h, T, e)
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head)  # (B, T, h*e)
         return self.norm_hyper(hyper) + self.drop(self.to_out(out))
@@ -223,10 +265,9 @@ class AHLLayer(nn.Module):
 class ALMT(nn.Module):
     """ALMT over a BERT-architecture text encoder; ``forward`` returns one score per sample."""
 
-    def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_dim: int):
+    def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_dim: int) -> None:
         super().__init__()
-        if cfg.ahl_depth < 1:
-            raise ConfigError(f"model.ahl_depth must be at least 1, got {cfg.ahl_depth}")
+        check_model_config(cfg)
         self.cfg = cfg
         self.text_dim = text_dim
         d, n = cfg.dim, cfg.n_tokens
@@ -237,7 +278,7 @@ class ALMT(nn.Module):
         # language scales H_l^1..H_l^ahl_depth
         self.lang_pos = nn.Parameter(torch.randn(1, n, d))  # (1, T, D)
         self.lang_blocks = nn.ModuleList(
-            Block(d, cfg.lang_heads, cfg.lang_dim_head, cfg.lang_mlp_dim, cfg.dropout)
+            Block(d, cfg.lang_heads, cfg.lang_dim_head, cfg.lang_mlp_dim, cfg.dropout, cfg.fast_attention)
             for _ in range(cfg.ahl_depth - 1)
         )
         # adaptive hyper-modality learning
@@ -250,7 +291,7 @@ class ALMT(nn.Module):
         self.fusion_pos_src = nn.Parameter(torch.randn(1, n + 1, d))  # (1, T + 1, D)
         self.fusion_pos_tgt = nn.Parameter(torch.randn(1, n + 1, d))  # (1, T + 1, D)
         self.fusion_blocks = nn.ModuleList(
-            Block(d, cfg.fusion_heads, cfg.fusion_dim_head, cfg.fusion_mlp_dim, cfg.dropout)
+            Block(d, cfg.fusion_heads, cfg.fusion_dim_head, cfg.fusion_mlp_dim, cfg.dropout, cfg.fast_attention)
             for _ in range(cfg.fusion_depth)
         )
         self.head = nn.Linear(d, 1)
@@ -339,10 +380,7 @@ def describe_model(cfg: ModelConfig) -> dict:
     ``excluding_text``, ``total``. A hub model that is neither cached nor downloadable is
     counted as bert-base (BertConfig defaults), which the note says.
     """
-    from transformers import BertConfig, BertModel
-
-    from ..errors import TextModelError
-    from .text_encoder import load_text_config
+    from transformers import BertConfig, BertModel  # heavy: imported when a count is asked for
 
     note = ""
     try:

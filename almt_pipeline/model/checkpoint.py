@@ -26,13 +26,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import Config, config_from_dict, config_to_dict
 from ..errors import CheckpointError, ConfigError
-from ..utils import atomic_write_json, current_umask, package_version
-from ..utils import first_line as _first_line
+from ..utils import atomic_write_json, current_umask, one_line, package_version
+from .almt import ALMT
+from .text_encoder import text_model_from_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -52,32 +57,30 @@ class LoadedCheckpoint:
     """A checkpoint rebuilt in memory; ``model`` is in eval mode on the requested device."""
 
     model: torch.nn.Module
-    cfg: Any  # almt_pipeline.config.Config
-    tokenizer: Any  # transformers PreTrainedTokenizerBase
-    feature_meta: dict
+    cfg: Config
+    tokenizer: PreTrainedTokenizerBase
+    feature_meta: dict[str, Any]
     label_scale: str
-    info: dict = field(default_factory=dict)  # text_dim, package version, epoch, metrics ...
+    info: dict[str, Any] = field(default_factory=dict)  # text_dim, package version, epoch, metrics ...
     path: Path | None = None
 
 
 def save_checkpoint(
-    dir: str | os.PathLike,
+    dir: str | os.PathLike[str],
     model: torch.nn.Module,
-    cfg: Any,
+    cfg: Config,
     *,
-    tokenizer: Any,
-    text_config: dict,
-    feature_meta: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    text_config: dict[str, Any],
+    feature_meta: dict[str, Any],
     label_scale: str,
-    extra: dict | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model`` (ALMT incl. its text encoder) and everything needed to rebuild it to ``dir``.
 
     ``text_config`` is the text model's BERT config as a dict (``bert.config.to_dict()``);
     ``extra`` holds training information (epoch, metrics, seed ...) stored under ``info``.
     """
-    from ..config import config_to_dict
-
     dst = Path(dir)
     dst.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(dst)
@@ -114,12 +117,8 @@ def save_checkpoint(
     logger.debug("checkpoint written to %s", dst)
 
 
-def load_checkpoint(dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the model, config and tokenizer stored in ``dir`` (offline, nothing else needed)."""
-    from ..config import config_from_dict
-    from .almt import ALMT
-    from .text_encoder import text_model_from_config
-
     path = Path(dir)
     if not path.exists():
         recover_dir(path, cleanup=False)
@@ -165,7 +164,7 @@ def load_checkpoint(dir: str | os.PathLike, device: str | torch.device = "cpu") 
     )
 
 
-def read_checkpoint_config(dir: str | os.PathLike) -> dict:
+def read_checkpoint_config(dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint's ``config.json`` as a dict, after checking format and version."""
     config_file = Path(dir) / CONFIG_FILE
     meta = _read_json(config_file)
@@ -180,7 +179,7 @@ def read_checkpoint_config(dir: str | os.PathLike) -> dict:
     return meta
 
 
-def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+def copy_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Copy a checkpoint directory to ``dst`` atomically (copy to a temporary dir, then rename)."""
     src, dst = Path(src), Path(dst)
     recover_dir(src)
@@ -267,9 +266,9 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except RuntimeError as e:  # load_state_dict: tensor shapes differ from the built model
-        raise CheckpointError(f"{path}: weights do not match the stored config ({_first_line(e)})") from e
+        raise CheckpointError(f"{path}: weights do not match the stored config ({one_line(e)})") from e
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or unreadable weights ({_first_line(e)})") from e
+        raise CheckpointError(f"{path}: corrupt or unreadable weights ({one_line(e)})") from e
     missing, unexpected = sorted(missing), sorted(unexpected)
     if missing or unexpected:
         parts = []
@@ -280,7 +279,7 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not match the stored config: {'; '.join(parts)}")
 
 
-def _load_tokenizer(text_dir: Path) -> Any:
+def _load_tokenizer(text_dir: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     if not text_dir.is_dir():
@@ -293,20 +292,20 @@ def _load_tokenizer(text_dir: Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(text_dir), local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, ...
-        raise CheckpointError(f"{text_dir}: cannot load the tokenizer ({_first_line(e)})") from e
+        raise CheckpointError(f"{text_dir}: cannot load the tokenizer ({one_line(e)})") from e
     if len(tokenizer) < _MIN_VOCAB:
         raise CheckpointError(f"{text_dir}: cannot load the tokenizer (only {len(tokenizer)} tokens)")
     return tokenizer
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: file missing from checkpoint") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt JSON ({_first_line(e)})") from e
+        raise CheckpointError(f"{path}: corrupt JSON ({one_line(e)})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return obj

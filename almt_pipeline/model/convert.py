@@ -22,9 +22,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..config import Config
 from ..errors import CheckpointError
+from ..utils import one_line
 from .almt import ALMT
-from ..utils import first_line as _first_line
+from .checkpoint import save_checkpoint
+from .text_encoder import load_text_model
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ _AHL_RULES = (
 )
 
 
-def _rules(fmt: str) -> list[tuple[re.Pattern, str]]:
+def _rules(fmt: str) -> list[tuple[re.Pattern[str], str]]:
     """(source pattern, target template) pairs for a source format."""
     embed = {"official": "proj_{m}", "mmsa": "embedding_{m}"}[fmt]
     head = {"official": r"regression_layer\.0", "mmsa": "regression_head"}[fmt]
@@ -94,8 +97,6 @@ def _strip_wrappers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 changed = True
     return sd
-
-
 
 
 def _summary(items: list[str], limit: int = 6) -> str:
@@ -164,6 +165,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
+    obj: object
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -172,7 +174,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and safetensors errors alike
-        raise CheckpointError(f"{path}: cannot read weights ({_first_line(e)})") from e
+        raise CheckpointError(f"{path}: cannot read weights ({one_line(e)})") from e
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -182,16 +184,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return obj
 
 
-def import_weights(path: str | Path, fmt: str, cfg, text_model: str | None, out_dir: str | Path,
+def import_weights(path: str | Path, fmt: str, cfg: Config, text_model: str | None, out_dir: str | Path,
                    *, label_scale: str | None = None) -> ALMT:
     """Convert a released-code or MMSA ALMT state dict into a checkpoint directory ``out_dir``.
 
     ``cfg`` (a ``Config``) must describe the same model sizes as the source; ``text_model``
     (default: the config's) supplies the BERT architecture and tokenizer. Returns the model.
     """
-    from .checkpoint import save_checkpoint
-    from .text_encoder import load_text_model
-
     if fmt not in FORMATS:
         raise CheckpointError(f"{path}: unknown weights format {fmt!r} (use {' or '.join(FORMATS)})")
     sd = load_state_dict_file(path)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import DEFAULT_TEXT_MODEL
 from ..errors import TextModelError
-from ..utils import first_line as _first_line
+from ..utils import one_line
+
+if TYPE_CHECKING:
+    from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +70,14 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
     try:
         socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
     except OSError as e:
-        return f"cannot reach {url.hostname}: {_first_line(e)}"
+        return f"cannot reach {url.hostname}: {one_line(e)}"
     return None
 
 
+_T = TypeVar("_T")
 
 
-def _check_bert(config: Any, name: str) -> None:
+def _check_bert(config: PretrainedConfig, name: str) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type != "bert":
         raise TextModelError(
@@ -81,7 +86,9 @@ def _check_bert(config: Any, name: str) -> None:
         )
 
 
-def _load(source: str, name: str, local_only: bool, pretrained: bool = True):
+def _load(
+    source: str, name: str, local_only: bool, pretrained: bool = True
+) -> tuple[BertModel, PreTrainedTokenizerBase]:
     from transformers import AutoConfig, AutoTokenizer, BertModel
 
     config = AutoConfig.from_pretrained(source, local_files_only=local_only)
@@ -94,7 +101,7 @@ def _load(source: str, name: str, local_only: bool, pretrained: bool = True):
     return model, tokenizer
 
 
-def _obtain(name_or_path: str, load):
+def _obtain(name_or_path: str, load: Callable[[str, bool], _T]) -> _T:
     """Run ``load(source, local_only)``: local files / HF cache first, then the hub."""
     source = resolve_text_model(name_or_path)
     is_local = Path(source).is_dir()
@@ -106,7 +113,7 @@ def _obtain(name_or_path: str, load):
         if is_local:
             raise TextModelError(
                 f"text model directory '{source}' cannot be loaded as a BERT model and tokenizer "
-                f"({_first_line(e)})"
+                f"({one_line(e)})"
             ) from e
         local_error = e
     if _offline():
@@ -127,11 +134,11 @@ def _obtain(name_or_path: str, load):
     except Exception as e:  # noqa: BLE001 - network, HTTP and file errors alike
         raise TextModelError(
             f"text model '{name_or_path}' is not available offline and could not be downloaded "
-            f"({_first_line(e)}); {_FIX}"
+            f"({one_line(e)}); {_FIX}"
         ) from e
 
 
-def load_text_model(name_or_path: str, *, pretrained: bool = True):
+def load_text_model(name_or_path: str, *, pretrained: bool = True) -> tuple[BertModel, PreTrainedTokenizerBase]:
     """``(BertModel, tokenizer)``: local files / HF cache first, then the hub.
 
     ``pretrained=False`` fetches only the config and tokenizer and initialises the weights
@@ -140,11 +147,11 @@ def load_text_model(name_or_path: str, *, pretrained: bool = True):
     return _obtain(name_or_path, lambda source, local_only: _load(source, name_or_path, local_only, pretrained))
 
 
-def load_text_config(name_or_path: str):
+def load_text_config(name_or_path: str) -> BertConfig:
     """The model's ``BertConfig`` only (no weights): local files / HF cache first, then the hub."""
     from transformers import AutoConfig
 
-    def load(source: str, local_only: bool):
+    def load(source: str, local_only: bool) -> BertConfig:  # model_type 'bert', checked below
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
         _check_bert(config, name_or_path)
         return config
@@ -152,7 +159,7 @@ def load_text_config(name_or_path: str):
     return _obtain(name_or_path, load)
 
 
-def text_model_from_config(bert_config_dict: dict) -> Any:
+def text_model_from_config(bert_config_dict: dict[str, Any]) -> BertModel:
     """A randomly initialised ``BertModel`` from a BertConfig dict (weights are loaded after)."""
     from transformers import BertConfig, BertModel
 
@@ -164,5 +171,5 @@ def text_model_from_config(bert_config_dict: dict) -> Any:
     try:
         config = BertConfig.from_dict(dict(bert_config_dict))
     except Exception as e:  # noqa: BLE001
-        raise TextModelError(f"invalid BERT config ({_first_line(e)})") from e
+        raise TextModelError(f"invalid BERT config ({one_line(e)})") from e
     return BertModel(config)

@@ -1,0 +1,118 @@
+"""Feature-file splits as tensors, batch loaders, and batched inference (shared by training and
+evaluation)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from tqdm.auto import tqdm
+
+from .schema import LABEL_KEY, Arrays
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Split:
+    """One split as tensors: the model's inputs in ``forward`` order, and the labels."""
+
+    name: str
+    ids: np.ndarray  # (N,) str
+    inputs: tuple[torch.Tensor, ...]  # text_bert (N,3,L), audio (N,T_a,d_a), vision (N,T_v,d_v), lengths (N,) x2
+    labels: torch.Tensor  # (N,) float32, NaN when unlabelled
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    @property
+    def labelled(self) -> bool:
+        return self.n > 0 and bool(torch.isfinite(self.labels).all())
+
+
+def to_split(name: str, arrays: Arrays) -> Split:
+    """A validated split's arrays (see :mod:`.schema`) as tensors."""
+
+    def tensor(key: str, dtype: type) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=dtype))
+
+    inputs = (
+        tensor("text_bert", np.float32),  # (N, 3, L)
+        tensor("audio", np.float32),  # (N, T_a, d_a)
+        tensor("vision", np.float32),  # (N, T_v, d_v)
+        tensor("audio_lengths", np.int64),  # (N,)
+        tensor("vision_lengths", np.int64),  # (N,)
+    )
+    n = len(arrays["id"])
+    labels = (
+        tensor(LABEL_KEY, np.float32).reshape(-1) if LABEL_KEY in arrays else torch.full((n,), float("nan"))
+    )  # (N,)
+    return Split(name=name, ids=arrays["id"], inputs=inputs, labels=labels)
+
+
+class _BatchDataset(Dataset[Batch]):
+    """Indexable by a list of sample indices: returns whole batches by tensor indexing."""
+
+    def __init__(self, tensors: Batch):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, idx: list[int]) -> Batch:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def make_loader(split: Split, batch_size: int, generator: torch.Generator | None, pin: bool) -> DataLoader[Batch]:
+    """Shuffled (seeded ``generator``) or sequential batches of (inputs..., labels)."""
+    ds = _BatchDataset((*split.inputs, split.labels))
+    base = RandomSampler(ds, generator=generator) if generator is not None else SequentialSampler(ds)
+    sampler = BatchSampler(base, batch_size=batch_size, drop_last=False)
+    return DataLoader(ds, sampler=sampler, batch_size=None, generator=generator, pin_memory=pin)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device`` (None: float32)."""
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        logger.warning("amp=%s is only used on CUDA; running in float32 on %s", amp, device)
+        return None
+    return AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward(model: nn.Module, inputs: Batch, device: torch.device) -> torch.Tensor:
+    """The model's scores (B,) for a batch's inputs (text_bert, audio, vision, lengths x2)."""
+    text_bert, audio, vision, a_len, v_len = (t.to(device, non_blocking=True) for t in inputs)
+    return model(text_bert, audio, vision, audio_lengths=a_len, vision_lengths=v_len)  # (B,)
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, split: Split, batch_size: int, device: torch.device,
+                  amp: torch.dtype | None, quiet: bool = True) -> np.ndarray:
+    """Predictions (N,) float32 in sample order."""
+    model.eval()
+    loader = make_loader(split, batch_size, None, pin=device.type == "cuda")
+    out = []
+    for batch in tqdm(loader, desc=f"predict {split.name}", unit="batch", leave=False, disable=quiet):
+        with autocast(device, amp):
+            pred = forward(model, batch[:-1], device)  # (B,)
+        out.append(pred.float().reshape(-1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,76 @@
+"""Scoring a checkpoint on one split of a feature file, with optional per-sample predictions."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .batches import amp_dtype, predict_split, to_split
+from .errors import ConfigError, FeatureFileError
+from .features import load_features
+from .metrics import format_metrics, split_metrics
+from .model.checkpoint import load_checkpoint
+from .schema import check_split
+from .utils import atomic_write_csv, resolve_device, results_log
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ("id", "label", "prediction")
+
+
+def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *, split: str = "test",
+             predictions_path: str | os.PathLike | None = None, device: str = "auto",
+             batch_size: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Score a checkpoint on one split; optionally write ``id,label,prediction`` CSV.
+
+    ``batch_size`` defaults to the checkpoint config's ``train.eval_batch_size``. An unlabelled
+    split gives predictions only (``metrics`` is None).
+    """
+    check_split(split)
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint_dir, dev)
+    batch_size = ckpt.cfg.train.eval_batch_size if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    data = load_features(data_path, model_cfg=ckpt.cfg.model, splits=(split,), require_labels=False,
+                         label_scale=ckpt.label_scale)
+    check_feature_names(ckpt.feature_meta, data.meta, Path(checkpoint_dir), Path(data_path))
+    s = to_split(split, data.splits[split])
+    if data.label_scale != ckpt.label_scale:
+        logger.warning("%s: label scale %s differs from the checkpoint's %s; using the checkpoint's",
+                       data_path, data.label_scale, ckpt.label_scale)
+    amp = amp_dtype(ckpt.cfg.train.amp, dev) if dev.type == "cuda" else None
+    pred = predict_split(ckpt.model, s, batch_size, dev, amp, quiet=quiet)
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint_dir), "data": str(data_path), "split": split, "n": s.n,
+        "label_scale": ckpt.label_scale, "metrics": None, "predictions": pred,
+        "predictions_path": str(predictions_path) if predictions_path else None,
+    }
+    labels = s.labels.numpy()
+    if s.labelled:
+        result["metrics"] = split_metrics(pred, labels, ckpt.label_scale)
+        results_log.info("%s split (%d samples): %s", split, s.n, format_metrics(result["metrics"]))
+    else:
+        results_log.info("%s split (%d samples) has no labels: predictions only", split, s.n)
+    if predictions_path:
+        atomic_write_csv(predictions_path, PREDICTION_COLUMNS, (
+            [i, f"{float(y):.6g}" if math.isfinite(y) else "", f"{float(p):.6f}"]
+            for i, y, p in zip(s.ids, labels, pred)
+        ))
+        results_log.info("wrote %d predictions to %s", s.n, predictions_path)
+    return result
+
+
+def check_feature_names(ckpt_meta: dict[str, Any], file_meta: dict[str, Any], ckpt_dir: Path,
+                        data_path: Path) -> None:
+    """Same widths are not enough: features from a different recipe must not be scored silently."""
+    a, b = ckpt_meta.get("feature_names") or {}, file_meta.get("feature_names") or {}
+    for modality in sorted(set(a) & set(b)):
+        if list(a[modality]) != list(b[modality]):
+            raise FeatureFileError(
+                f"{data_path}: {modality} features differ from those the checkpoint {ckpt_dir} was "
+                "trained on (feature_names); extract them with the checkpoint's config"
+            )

@@ -1,0 +1,261 @@
+"""One clip -> unpadded features (text, audio, face), with the models loaded once.
+
+:class:`ClipExtractor` is what both ``almt extract`` (per clip of a batch) and ``almt predict``
+run. :func:`run_guarded` is the one rule for a clip that fails: a typed error becomes a
+:class:`ClipFailure` (one line naming the file and the cause) and the batch goes on; a missing
+dependency stops the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..errors import AlmtError, ConfigError, DependencyError, MediaError
+from ..media import PrefetchedFrames, check_decoded_duration, iter_frames, load_audio
+from ..probe import MediaInfo, probe
+from ..utils import one_line, resolve_device
+from .asr import ASR_SAMPLE_RATE, Transcriber, read_sidecar_transcript
+from .audio import AudioFeaturizer
+from .faces import FaceFeaturizer, make_face_featurizer
+from .text import TextFeatures, TextFeaturizer
+
+logger = logging.getLogger(__name__)
+
+PREFETCH_SECONDS = 2.0  # decoded frames read ahead of the face featurizer (seconds of video)
+PREFETCH_MIN_FRAMES = 4
+T = TypeVar("T")
+
+
+class AudioFeaturizerLike(Protocol):
+    """(N,) mono waveform at ``sample_rate`` -> (T_a, dim) frame features."""
+
+    sample_rate: int
+    feature_names: list[str]
+    dim: int
+
+    def __call__(self, wave: np.ndarray) -> np.ndarray: ...
+
+
+class TextFeaturizerLike(Protocol):
+    """Transcript -> token ids, mask, segments and hidden states."""
+
+    def __call__(self, text: str) -> TextFeatures: ...
+
+
+class TranscriberLike(Protocol):
+    """16 kHz mono float32 audio -> transcript."""
+
+    def transcribe(self, wave: np.ndarray) -> str: ...
+
+
+@dataclass
+class ClipResult:
+    """Features of one clip, before padding."""
+
+    text_bert: np.ndarray  # (3, L) float32: token ids, attention mask, segment ids
+    text: np.ndarray  # (L, H) float32 hidden states
+    audio: np.ndarray  # (T_a, d_a) float32
+    vision: np.ndarray  # (T_v, d_v) float32
+    raw_text: str
+    transcript_source: str  # "label.csv" | "sidecar" | "asr" | "given"
+    face_fraction: float  # share of sampled frames with a face
+    duration: float  # seconds of media
+    text_truncated: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+@dataclass
+class ClipFailure:
+    """A clip that could not be extracted: one line naming the file and the cause."""
+
+    path: str
+    id: str
+    error_type: str
+    message: str
+    traceback: str = ""
+
+
+def run_guarded(work: Callable[[], T], path: str | Path, clip_id: str = "") -> T | ClipFailure:
+    """``work()``, or the ClipFailure it raised. A :class:`DependencyError` (a missing package or
+    model fails every clip) and ``KeyboardInterrupt`` pass through."""
+    try:
+        return work()
+    except DependencyError:
+        raise
+    except AlmtError as e:
+        return ClipFailure(str(path), clip_id, type(e).__name__, one_line(e))
+    except Exception as e:  # an extractor bug must not stop the batch
+        return ClipFailure(str(path), clip_id, type(e).__name__,
+                           f"{path}: unexpected {type(e).__name__}: {one_line(e)}", traceback.format_exc())
+
+
+def make_audio_featurizer(cfg: Config) -> AudioFeaturizerLike:
+    return AudioFeaturizer(cfg.extract.audio)
+
+
+def check_feature_widths(cfg: Config, audio_featurizer: AudioFeaturizerLike,
+                         face_featurizer: FaceFeaturizer) -> None:
+    """The extractors' widths must equal the model config's (the config is never changed)."""
+    a, v = int(audio_featurizer.dim), int(face_featurizer.dim)
+    if a != cfg.model.audio_dim:
+        raise ConfigError(
+            f"the audio features are {a}-d ({'+'.join(cfg.extract.audio.features)}) but "
+            f"model.audio_dim is {cfg.model.audio_dim}: set model.audio_dim to {a} in the config "
+            f"(or change extract.audio)"
+        )
+    if v != cfg.model.vision_dim:
+        backend = cfg.extract.visual.backend
+        raise ConfigError(
+            f"the '{backend}' face features are {v}-d but model.vision_dim is "
+            f"{cfg.model.vision_dim}: use a config made for this backend (e.g. --config "
+            f"{backend if backend == 'pyfeat' else 'default'}) or set model.vision_dim to {v}"
+        )
+
+
+class ClipExtractor:
+    """Loads the text, audio and face models once; ``extractor(path)`` -> :class:`ClipResult`.
+
+    The speech recogniser is loaded on first need (a clip with no transcript). Bad media raise
+    :class:`MediaError` with one line naming the file and the cause.
+    """
+
+    def __init__(self, cfg: Config, device: str = "cpu", *,
+                 audio_featurizer: AudioFeaturizerLike | None = None,
+                 face_featurizer: FaceFeaturizer | None = None,
+                 text_featurizer: TextFeaturizerLike | None = None,
+                 transcriber: TranscriberLike | Future[TranscriberLike] | None = None,
+                 threads: int | None = None):
+        self.cfg = cfg
+        self.device = str(device)
+        self.threads = threads  # CPU threads for speech recognition (None: all cores)
+        self.audio_featurizer = audio_featurizer or make_audio_featurizer(cfg)
+        self.face_featurizer = face_featurizer or make_face_featurizer(cfg.extract.visual)
+        check_feature_widths(cfg, self.audio_featurizer, self.face_featurizer)
+        self.text_featurizer = text_featurizer or TextFeaturizer(
+            cfg.model.text_model, cfg.model.text_len, device=self.device)
+        # a Transcriber, a Future that yields one (loading in the background), or None: load on need
+        self._transcriber = transcriber
+        self._transcriber_lock = threading.Lock()
+
+    @property
+    def transcriber(self) -> TranscriberLike:
+        with self._transcriber_lock:
+            if isinstance(self._transcriber, Future):
+                self._transcriber = self._transcriber.result()  # a loading error is raised here
+            if self._transcriber is None:
+                ex = self.cfg.extract
+                # faster-whisper takes "cpu" or "cuda" (the index is a separate option)
+                self._transcriber = Transcriber(ex.asr_model, language=ex.language,
+                                                device=resolve_device(self.device).type, cpu_threads=self.threads)
+            return self._transcriber
+
+    def __call__(self, clip_path: str | Path, transcript: str | None = None,
+                 transcript_source: str | None = None) -> ClipResult:
+        """Extract one clip. Without ``transcript``: sidecar file, else speech recognition."""
+        path = Path(clip_path)
+        ex = self.cfg.extract
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        info = probe(path)  # MediaError for missing, empty or non-media files
+        if not info.has_video:
+            raise MediaError(f"{path}: no video stream")
+        if not info.has_audio:
+            raise MediaError(f"{path}: no audio stream (the model needs audio)")
+        if info.duration is not None and info.duration < ex.min_duration:
+            raise MediaError(_too_short(path, info.duration, ex.min_duration))
+        timings["probe"] = time.perf_counter() - t_start
+
+        # Video decoding starts now, in ffmpeg and a reader thread, so that it overlaps with the
+        # audio and text work; a bounded queue keeps memory flat.
+        vis = ex.visual
+        frames = PrefetchedFrames(iter_frames(path, vis.fps, vis.max_side, info=info),
+                                  depth=max(PREFETCH_MIN_FRAMES, int(PREFETCH_SECONDS * vis.fps)))
+        try:
+            audio, duration, transcript, transcript_source = self._audio_and_transcript(
+                path, info, transcript, transcript_source, timings)
+            t = time.perf_counter()
+            with _one_core_for_ffmpeg(self.device):
+                tf = self.text_featurizer(transcript)
+            timings["text"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            vf = self.face_featurizer(frames)  # frames are streamed, never all in memory
+            timings["video_decode"] = frames.wait_seconds  # time spent waiting for frames
+            timings["face"] = time.perf_counter() - t - frames.wait_seconds
+        finally:
+            frames.close()
+        if frames.count == 0:
+            raise MediaError(f"{path}: no video frame could be decoded")
+        check_decoded_duration(path, info.duration, frames.count / vis.fps, "video")
+        face_found = np.asarray(vf.face_found, dtype=bool)  # (T_v,)
+        timings["total"] = time.perf_counter() - t_start
+        return ClipResult(
+            text_bert=np.asarray(tf.text_bert, dtype=np.float32),
+            text=np.asarray(tf.hidden, dtype=np.float32),
+            audio=audio, vision=np.asarray(vf.features, dtype=np.float32), raw_text=transcript,
+            transcript_source=transcript_source or "label.csv",
+            face_fraction=float(face_found.mean()) if face_found.size else 0.0,
+            duration=duration, text_truncated=bool(tf.truncated), timings=timings,
+        )
+
+    def _audio_and_transcript(self, path: Path, info: MediaInfo, transcript: str | None,
+                              source: str | None, timings: dict[str, float]
+                              ) -> tuple[np.ndarray, float, str, str | None]:
+        """Audio features (T_a, d_a), the clip's duration, and its transcript with its source."""
+        ex = self.cfg.extract
+        t = time.perf_counter()
+        sr = int(self.audio_featurizer.sample_rate)
+        wave = load_audio(path, sr, info=info)  # (N,) float32 mono
+        timings["audio_decode"] = time.perf_counter() - t
+        decoded = len(wave) / sr
+        check_decoded_duration(path, info.duration, decoded, "audio")
+        duration = float(info.duration) if info.duration else decoded
+        if duration < ex.min_duration:
+            raise MediaError(_too_short(path, duration, ex.min_duration))
+
+        t = time.perf_counter()
+        audio = np.asarray(self.audio_featurizer(wave), dtype=np.float32)  # (T_a, d_a)
+        timings["audio"] = time.perf_counter() - t
+
+        if transcript is None:
+            transcript = read_sidecar_transcript(path)
+            source = "sidecar" if transcript is not None else None
+        if transcript is None:
+            t = time.perf_counter()
+            wave16 = wave if sr == ASR_SAMPLE_RATE else load_audio(path, ASR_SAMPLE_RATE, info=info)
+            transcript = self.transcriber.transcribe(wave16).strip()
+            source = "asr"
+            timings["asr"] = time.perf_counter() - t
+        return audio, duration, transcript, source
+
+
+@contextmanager
+def _one_core_for_ffmpeg(device: str) -> Iterator[None]:
+    """Run torch on one thread fewer while the video decoder works in parallel: busy-waiting
+    torch threads competing with ffmpeg for a core make a small model many times slower."""
+    n = torch.get_num_threads()
+    if device.startswith("cuda") or n <= 1:
+        yield
+        return
+    torch.set_num_threads(n - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _too_short(path: Path, duration: float, min_duration: float) -> str:
+    return f"{path}: too short ({duration:.2f} s; extract.min_duration is {min_duration:g} s)"

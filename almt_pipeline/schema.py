@@ -1,0 +1,336 @@
+"""The MMSA feature-file schema: split names, array keys, and the checks a split must pass.
+
+A feature file is a pickled dict ``{"train": {...}, "valid": {...}, "test": {...}}`` whose splits
+hold equal-length arrays (README, "The feature file"). Files written here add a top-level
+``"meta"`` dict of plain builtins; MMSA's own loader only indexes ``data[split][key]`` and never
+sees it. :func:`validate_split` turns one split into normalised arrays (float32 features,
+int64 lengths, ``str`` ids and texts), collecting every problem found into :class:`Problems`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ConfigError, FeatureFileError
+
+SPLITS = ("train", "valid", "test")
+SCHEMA_VERSION = 1
+META_KEY = "meta"
+REQUIRED = (
+    "id", "raw_text", "text_bert", "text", "audio", "vision",
+    "audio_lengths", "vision_lengths", "regression_labels",
+)
+LABEL_KEY = "regression_labels"
+STRING_KEYS = ("id", "raw_text", "annotations")
+FEATURE_KEYS = ("text_bert", "text", "audio", "vision")
+FEATURE_NDIM = {"text_bert": 3, "text": 3, "audio": 3, "vision": 3}
+LENGTH_KEYS = {"audio_lengths": "audio", "vision_lengths": "vision"}
+UNIMODAL_LABEL_KEYS = ("regression_labels_T", "regression_labels_A", "regression_labels_V")
+OPTIONAL_NUMERIC = ("classification_labels", *UNIMODAL_LABEL_KEYS)
+logger = logging.getLogger(__name__)
+
+_CHUNK_ELEMENTS = 1 << 24  # finite checks in slices of ~16M values to bound temporary memory
+
+Arrays = dict[str, np.ndarray]
+
+
+def check_split(name: str, what: str = "split") -> str:
+    """``name`` when it is one of :data:`SPLITS`, else a one-line :class:`ConfigError`."""
+    if name not in SPLITS:
+        raise ConfigError(f"{what} must be one of {', '.join(SPLITS)}, got {name!r}")
+    return name
+
+
+class Problems:
+    """Collects one-line problems; raises them as a single FeatureFileError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.items: list[str] = []
+
+    def add(self, where: str, msg: str) -> None:
+        self.items.append(f"{where}: {msg}" if where else msg)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        if len(self.items) == 1:
+            raise FeatureFileError(f"{self.path}: {self.items[0]}")
+        lines = "\n".join(f"  - {p}" for p in self.items)
+        raise FeatureFileError(
+            f"{self.path}: {len(self.items)} problems in feature file (first: {self.items[0]})\n{lines}"
+        )
+
+
+def as_array(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else np.asarray(value)
+
+
+def _nonfinite_counts(x: np.ndarray) -> tuple[int, int, int]:
+    """(NaN, +inf, -inf) counts, scanning in slices to bound temporary memory."""
+    nan = pos = neg = 0
+    flat = x.reshape(-1)
+    for start in range(0, flat.size, _CHUNK_ELEMENTS):
+        part = flat[start:start + _CHUNK_ELEMENTS]
+        if np.isfinite(part).all():
+            continue
+        nan += int(np.isnan(part).sum())
+        pos += int(np.isposinf(part).sum())
+        neg += int(np.isneginf(part).sum())
+    return nan, pos, neg
+
+
+def _describe_nonfinite(nan: int, pos: int, neg: int) -> str:
+    parts = [f"{c} {k}" for c, k in ((nan, "NaN"), (pos, "+inf"), (neg, "-inf")) if c]
+    return ", ".join(parts)
+
+
+def to_str_array(arr: np.ndarray) -> np.ndarray:
+    """Object array of Python ``str`` (bytes decoded as UTF-8), as MMSA files store ids/texts."""
+    out = np.empty(len(arr), dtype=object)
+    for i, v in enumerate(arr):
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", errors="replace")
+        out[i] = str(v)
+    return out
+
+
+def _to_float32(where: str, arr: np.ndarray, problems: Problems) -> np.ndarray | None:
+    if arr.dtype.kind in "biuf":
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype.kind == "O":
+        try:
+            return arr.astype(np.float32)
+        except (TypeError, ValueError):
+            pass
+    problems.add(where, f"expected numbers, found dtype {arr.dtype}")
+    return None
+
+
+def validate_split(
+    name: str, raw: Any, problems: Problems, *, require_labels: bool, fix_nonfinite: bool
+) -> Arrays | None:
+    """Check one split's keys, lengths, shapes, dtypes and values; return normalised arrays."""
+    collected = _collect_arrays(name, raw, problems, require_labels)
+    if collected is None:
+        return None
+    out, n = collected
+    _check_strings(name, out, problems)
+    _check_features(name, out, problems)
+    _check_finite(name, out, problems, fix_nonfinite)
+    _check_lengths(name, out, problems)
+    _check_labels(name, out, problems, n, require_labels)
+    return out
+
+
+def _collect_arrays(name: str, raw: Any, problems: Problems, require_labels: bool) -> tuple[Arrays, int] | None:
+    """The split's arrays by key, and its sample count; rows must agree across keys."""
+    if not isinstance(raw, Mapping):
+        problems.add(name, f"split is a {type(raw).__name__}, expected a dict of arrays")
+        return None
+    required = [k for k in REQUIRED if require_labels or k != LABEL_KEY]
+    missing = [k for k in required if k not in raw]
+    if missing:
+        problems.add(name, f"missing key(s) {', '.join(missing)}")
+    out: dict[str, np.ndarray] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            continue
+        try:
+            out[key] = as_array(value)
+        except Exception as e:  # noqa: BLE001 - ragged lists and the like
+            problems.add(f"{name}/{key}", f"not an array ({type(e).__name__}: {e})")
+    n = len(out["id"]) if "id" in out and out["id"].ndim == 1 else None
+    # equal lengths within the split
+    sizes = {k: (v.shape[0] if v.ndim else None) for k, v in out.items()}
+    if n is None:
+        n_guess = [s for s in sizes.values() if s is not None]
+        n = max(set(n_guess), key=n_guess.count) if n_guess else 0
+    for key, size in sizes.items():
+        if size is None:
+            problems.add(f"{name}/{key}", "is a scalar, expected one row per sample")
+        elif size != n:
+            problems.add(f"{name}/{key}", f"has {size} rows but the split has {n} samples (id)")
+    if n == 0:
+        problems.add(name, "split is empty (0 samples)")
+    return out, n
+
+
+def _check_strings(name: str, out: Arrays, problems: Problems) -> None:
+    """Ids, texts and annotations as object arrays of ``str`` (bytes decoded as UTF-8)."""
+    for key in STRING_KEYS:
+        if key not in out:
+            continue
+        if out[key].ndim != 1:
+            problems.add(f"{name}/{key}", f"expected shape (N,), found {out[key].shape}")
+            continue
+        odd = [type(v).__name__ for v in out[key] if not isinstance(v, (str, bytes))]
+        if odd:
+            problems.add(f"{name}/{key}", f"expected strings, found {len(odd)} {odd[0]} value(s)")
+            continue
+        out[key] = to_str_array(out[key])
+
+
+def _check_features(name: str, out: Arrays, problems: Problems) -> None:
+    """Feature arrays: (N, ., .) numbers cast to float32; token ids, mask and text shape checked."""
+    for key, ndim in FEATURE_NDIM.items():
+        if key not in out:
+            continue
+        arr = out[key]
+        if arr.ndim != ndim:
+            problems.add(f"{name}/{key}", f"expected {ndim} dims (N, T, D), found shape {arr.shape}")
+            del out[key]
+            continue
+        cast = _to_float32(f"{name}/{key}", arr, problems)
+        if cast is None:
+            del out[key]
+            continue
+        out[key] = cast
+
+    tb = out.get("text_bert")
+    if tb is not None:
+        if tb.shape[1] != 3:
+            problems.add(f"{name}/text_bert", f"expected shape (N, 3, L) (ids, mask, segments), found {tb.shape}")
+        elif tb.size:
+            ids, mask = tb[:, 0], tb[:, 1]
+            if not np.isfinite(tb).all():
+                problems.add(f"{name}/text_bert", f"{_describe_nonfinite(*_nonfinite_counts(tb))} values")
+            elif (ids < 0).any() or (ids != np.round(ids)).any():
+                problems.add(f"{name}/text_bert", "token ids (row 0) must be non-negative integers")
+            elif not np.isin(mask, (0.0, 1.0)).all():
+                problems.add(f"{name}/text_bert", "attention mask (row 1) must be 0 or 1")
+    if tb is not None and "text" in out and out["text"].shape[1] != tb.shape[2]:
+        problems.add(
+            f"{name}/text",
+            f"has {out['text'].shape[1]} tokens but text_bert has {tb.shape[2]} "
+            "(shapes must be (N, L, H) and (N, 3, L))",
+        )
+
+
+def _check_finite(name: str, out: Arrays, problems: Problems, fix_nonfinite: bool) -> None:
+    """Audio -inf becomes 0 as upstream loaders do; other non-finite values are a problem."""
+    for key in ("text", "audio", "vision"):
+        if key not in out:
+            continue
+        nan, pos, neg = _nonfinite_counts(out[key])
+        if key == "audio" and neg:
+            out[key] = out[key].copy() if not out[key].flags.writeable else out[key]
+            out[key][np.isneginf(out[key])] = 0.0  # upstream MMSA loaders do the same
+            neg = 0
+        if nan or pos or neg:
+            if fix_nonfinite:
+                logger.warning("%s/%s: replacing %s values by 0", name, key, _describe_nonfinite(nan, pos, neg))
+                out[key] = np.nan_to_num(out[key], nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+            else:
+                problems.add(f"{name}/{key}", f"{_describe_nonfinite(nan, pos, neg)} values after float32 cast")
+
+def _check_lengths(name: str, out: Arrays, problems: Problems) -> None:
+    """Valid lengths as int64 whole numbers within the padded length of their modality."""
+    for key, feat in LENGTH_KEYS.items():
+        if key not in out:
+            continue
+        arr = out[key]
+        where = f"{name}/{key}"
+        if arr.ndim != 1:
+            problems.add(where, f"expected shape (N,), found {arr.shape}")
+            del out[key]
+            continue
+        if arr.dtype.kind not in "biuf":
+            try:
+                arr = arr.astype(np.float64)
+            except (TypeError, ValueError):
+                problems.add(where, f"expected integers, found dtype {arr.dtype}")
+                del out[key]
+                continue
+        if arr.dtype.kind == "f" and (not np.isfinite(arr).all() or (arr != np.round(arr)).any()):
+            problems.add(where, "expected whole numbers (frame counts)")
+            del out[key]
+            continue
+        arr = arr.astype(np.int64)
+        out[key] = arr
+        if feat in out and arr.size:
+            t_max = out[feat].shape[1]
+            bad = int(((arr < 0) | (arr > t_max)).sum())
+            if bad:
+                problems.add(
+                    where,
+                    f"{bad} value(s) outside [0, {t_max}] (the padded {feat} length); range found "
+                    f"{int(arr.min())}..{int(arr.max())}",
+                )
+
+
+def _check_labels(name: str, out: Arrays, problems: Problems, n: int, require_labels: bool) -> None:
+    """Labels as float32 (N,); a split without labels gets NaN when labels are not required."""
+    for key in (LABEL_KEY, *OPTIONAL_NUMERIC):
+        if key not in out:
+            continue
+        arr = out[key].reshape(-1) if out[key].ndim == 2 and out[key].shape[1:] == (1,) else out[key]
+        if arr.ndim != 1:
+            problems.add(f"{name}/{key}", f"expected shape (N,), found {out[key].shape}")
+            del out[key]
+            continue
+        cast = _to_float32(f"{name}/{key}", arr, problems)
+        if cast is None:
+            del out[key]
+            continue
+        out[key] = cast
+
+    if LABEL_KEY not in out and not require_labels and n:
+        out[LABEL_KEY] = np.full(n, np.nan, dtype=np.float32)  # unlabelled (prediction-only) split
+    y = out.get(LABEL_KEY)
+    if y is not None:
+        nan, pos, neg = _nonfinite_counts(y)
+        if pos or neg or (nan and require_labels):
+            problems.add(f"{name}/{LABEL_KEY}", f"{_describe_nonfinite(nan, pos, neg)} labels")
+
+
+def check_consistency(splits: dict[str, Arrays], problems: Problems) -> None:
+    """All splits must share token length, feature widths and padded lengths."""
+    first: dict[str, tuple[str, tuple]] = {}
+    for name, data in splits.items():
+        for key in FEATURE_KEYS:
+            if key not in data:
+                continue
+            dims = tuple(data[key].shape[1:])
+            if key not in first:
+                first[key] = (name, dims)
+            elif first[key][1] != dims:
+                ref_split, ref = first[key]
+                problems.add(f"{name}/{key}", f"per-sample shape {dims} differs from {ref_split}'s {ref}")
+
+
+def check_against_config(
+    splits: dict[str, dict[str, np.ndarray]], model_cfg: ModelConfig, problems: Problems
+) -> None:
+    """Feature widths must equal the config's; padded lengths may be shorter, never longer."""
+    name, data = next(iter(splits.items()))
+    checks = (
+        ("text_bert", 2, "text_len", "max"),
+        ("audio", 1, "audio_len", "max"),
+        ("audio", 2, "audio_dim", "eq"),
+        ("vision", 1, "vision_len", "max"),
+        ("vision", 2, "vision_dim", "eq"),
+    )
+    for key, axis, field_name, kind in checks:
+        want = getattr(model_cfg, field_name)
+        if key not in data:
+            continue
+        got = int(data[key].shape[axis])
+        if kind == "eq" and got != want:
+            problems.add(
+                f"{name}/{key}",
+                f"feature width {got} does not match model config {field_name}={want} "
+                "(extract with the matching config, or train with a config that fits this file)",
+            )
+        elif kind == "max" and got > want:
+            problems.add(
+                f"{name}/{key}",
+                f"padded length {got} exceeds model config {field_name}={want} "
+                "(use a config with a larger maximum length)",
+            )
