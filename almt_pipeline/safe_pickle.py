@@ -59,8 +59,8 @@ def _canonical(module: str, name: str) -> tuple[str, str]:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler whose ``find_class`` only hands out numpy array/dtype/scalar builders and builtins."""
 
-    def __init__(self, file, *, source: str, **kwargs):
-        super().__init__(file, **kwargs)
+    def __init__(self, file: io.BufferedReader, *, source: str, encoding: str = "ASCII") -> None:
+        super().__init__(file, encoding=encoding)
         self._source = source
 
     def find_class(self, module: str, name: str) -> Any:

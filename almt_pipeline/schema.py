@@ -113,6 +113,15 @@ def _to_float32(where: str, arr: np.ndarray, problems: Problems) -> np.ndarray |
     return None
 
 
+def _keep_as_float32(name: str, key: str, arr: np.ndarray, out: Arrays, problems: Problems) -> None:
+    """``out[key] = arr`` as float32, or drop the key (a problem is recorded) when not numeric."""
+    cast = _to_float32(f"{name}/{key}", arr, problems)
+    if cast is None:
+        del out[key]
+    else:
+        out[key] = cast
+
+
 def validate_split(
     name: str, raw: Any, problems: Problems, *, require_labels: bool, fix_nonfinite: bool
 ) -> Arrays | None:
@@ -182,16 +191,11 @@ def _check_features(name: str, out: Arrays, problems: Problems) -> None:
     for key, ndim in FEATURE_NDIM.items():
         if key not in out:
             continue
-        arr = out[key]
-        if arr.ndim != ndim:
-            problems.add(f"{name}/{key}", f"expected {ndim} dims (N, T, D), found shape {arr.shape}")
+        if out[key].ndim != ndim:
+            problems.add(f"{name}/{key}", f"expected {ndim} dims (N, T, D), found shape {out[key].shape}")
             del out[key]
             continue
-        cast = _to_float32(f"{name}/{key}", arr, problems)
-        if cast is None:
-            del out[key]
-            continue
-        out[key] = cast
+        _keep_as_float32(name, key, out[key], out, problems)
 
     tb = out.get("text_bert")
     if tb is not None:
@@ -275,11 +279,7 @@ def _check_labels(name: str, out: Arrays, problems: Problems, n: int, require_la
             problems.add(f"{name}/{key}", f"expected shape (N,), found {out[key].shape}")
             del out[key]
             continue
-        cast = _to_float32(f"{name}/{key}", arr, problems)
-        if cast is None:
-            del out[key]
-            continue
-        out[key] = cast
+        _keep_as_float32(name, key, arr, out, problems)
 
     if LABEL_KEY not in out and not require_labels and n:
         out[LABEL_KEY] = np.full(n, np.nan, dtype=np.float32)  # unlabelled (prediction-only) split

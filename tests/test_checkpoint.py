@@ -56,14 +56,6 @@ def _inputs(b: int = 3) -> tuple[torch.Tensor, ...]:
     return text_bert, torch.randn(b, 20, 5, generator=g), torch.randn(b, 16, 6, generator=g)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture()
 def saved(tmp_path):
     """A checkpoint whose source text model directory has been deleted afterwards."""

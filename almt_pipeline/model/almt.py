@@ -46,6 +46,18 @@ def _folded(norm: nn.LayerNorm, proj: nn.Linear) -> tuple[Tensor, Tensor]:
     return proj.weight * norm.weight, proj.weight @ norm.bias  # (out, D), (out,)
 
 
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, n, h*e) -> (B, h, n, e)."""
+    b, n, inner = t.shape
+    return t.view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    """(B, h, n, e) -> (B, n, h*e)."""
+    b, h, n, e = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * e)
+
+
 class Attention(nn.Module):
     """Pre-norm multi-head attention: LayerNorms on query, key and value inputs, bias-free
     Q/K/V projections to ``heads * dim_head``, softmax attention, ``Linear(inner -> dim)``.
@@ -68,12 +80,7 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def _split(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (B, h, n, e)
-
-    def _merge(self, t: Tensor) -> Tensor:
-        b, _, n, _ = t.shape
-        return t.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # (B, n, h*e)
+        return split_heads(t, self.heads)
 
     def forward(
         self, x: Tensor, src: Tensor | None = None, key_mask: Tensor | None = None,
@@ -89,7 +96,7 @@ class Attention(nn.Module):
         k = self._split(self.to_k(self.norm_k(src)))  # (B, h, S, e)
         v = self._split(self.to_v(self.norm_v(src)))  # (B, h, S, e)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, h, N, e)
-        return self.drop(self.to_out(self._merge(out)))  # (B, N, D)
+        return self.drop(self.to_out(merge_heads(out)))  # (B, N, D)
 
     def forward_fast(
         self, x: Tensor, src: Tensor | None = None, key_mask: Tensor | None = None,
@@ -118,7 +125,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             self._split(q), self._split(k), self._split(v), attn_mask=key_mask
         )  # (B, h, N, e)
-        return self.drop(self.to_out(self._merge(out)))  # (B, N, D)
+        return self.drop(self.to_out(merge_heads(out)))  # (B, N, D)
 
     def _normalise(self, x: Tensor) -> Tensor:
         """LayerNorm without its affine (the three norms share ``eps``): (B, N, D) -> (B, N, D)."""
@@ -244,22 +251,19 @@ class AHLLayer(nn.Module):
         self.to_out = nn.Linear(inner, dim)
         self.drop = nn.Dropout(dropout)
 
-    def _heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (B, h, n, e)
+    def _split(self, t: Tensor) -> Tensor:
+        return split_heads(t, self.heads)
 
     def forward(self, h_l: Tensor, h_a: Tensor, h_v: Tensor, hyper: Tensor) -> Tensor:
         """h_l, h_a, h_v, hyper: (B, T, D) -> new hyper (B, T, D)."""
-        q = self._heads(self.to_q(self.norm_lang(h_l)))  # (B, h, T, e)
+        q = self._split(self.to_q(self.norm_lang(h_l)))  # (B, h, T, e)
         audio = self.norm_audio(h_a)  # (B, T, D)
-        k_a, v_a = self._heads(self.to_k_audio(audio)), self._heads(self.to_v_audio(audio))  # 2 x (B, h, T, e)
+        k_a, v_a = self._split(self.to_k_audio(audio)), self._split(self.to_v_audio(audio))  # 2 x (B, h, T, e)
         vision = self.norm_vision(h_v)  # (B, T, D)
-        k_v, v_v = self._heads(self.to_k_vision(vision)), self._heads(self.to_v_vision(vision))  # 2 x (B, h, T, e)
+        k_v, v_v = self._split(self.to_k_vision(vision)), self._split(self.to_v_vision(vision))  # 2 x (B, h, T, e)
         out = F.scaled_dot_product_attention(q, k_a, v_a) + \
             F.scaled_dot_product_attention(q, k_v, v_v)  # (B, h, T, e)
-        b, _, t, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head)  # (B, T, h*e)
-        return self.norm_hyper(hyper) + self.drop(self.to_out(out))
+        return self.norm_hyper(hyper) + self.drop(self.to_out(merge_heads(out)))
 
 
 class ALMT(nn.Module):
