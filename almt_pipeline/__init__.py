@@ -2,7 +2,7 @@
 
 Library entry points (imported lazily, so ``import almt_pipeline`` stays fast):
 ``load_config``, ``extract``, ``Predictor``, ``predict``; training lives in
-``almt_pipeline.train`` (``train``, ``evaluate``).
+``almt_pipeline.train`` (``train``) and scoring in ``almt_pipeline.evaluate`` (``evaluate``).
 """
 
 from typing import TYPE_CHECKING, Any

@@ -122,7 +122,7 @@ class TrainConfig:
     select_metric: str = "MAE"  # validation metric that selects the checkpoint
     patience: int | None = _size(None)  # early stopping (epochs without improvement); None = off
     amp: str = _choice("none", ("none", "bf16", "fp16"))  # fp16 / bf16: CUDA only
-    grad_clip: float | None = _bounded(None, 0.0, low_open=True)  # max gradient norm; None = off
+    grad_clip: float | None = _bounded(None, 0.0)  # max gradient norm; None or 0 = off
     eval_batch_size: int = _size(128)
     # auto (from the data) | mosi ([-3, 3]) | mosei (as mosi) | sims ([-1, 1])
     label_scale: str = _choice("auto", ("auto", *SCALES))
@@ -187,7 +187,7 @@ def _read_config_text(name_or_path: str | Path) -> tuple[str, str]:
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: config file not found") from e
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read config ({e})") from e
+            raise ConfigError(f"{path}: cannot read config ({one_line(e)})") from e
     name = str(name_or_path)
     if name in BUILTIN_CONFIGS:
         return builtin_config_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8"), (

@@ -26,8 +26,9 @@ def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *,
              batch_size: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Score a checkpoint on one split; optionally write ``id,label,prediction`` CSV.
 
-    ``batch_size`` defaults to the checkpoint config's ``train.eval_batch_size``. An unlabelled
-    split gives predictions only (``metrics`` is None).
+    ``batch_size`` defaults to the checkpoint config's ``train.eval_batch_size``. The result
+    holds the metrics (None for an unlabelled split) and the ``predictions`` (N,) in the split's
+    order.
     """
     check_split(split)
     dev = resolve_device(device)

@@ -69,11 +69,6 @@ class FeatureFile:
     def n(self, split: str) -> int:
         return int(len(self.splits[split]["id"]))
 
-    def has_labels(self, split: str) -> bool:
-        """True when every label of ``split`` is a finite number."""
-        y = self.splits[split].get(LABEL_KEY)
-        return y is not None and len(y) > 0 and bool(np.isfinite(y).all())
-
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -178,10 +173,12 @@ def _label_scale(meta: dict[str, Any], cfg_scale: str | None, loaded: dict[str, 
     labels = [d[LABEL_KEY] for d in loaded.values() if LABEL_KEY in d]
     all_labels = np.concatenate(labels) if labels else np.zeros(0, np.float32)
     scale = infer_label_scale(all_labels)
-    if not np.isfinite(all_labels).any():
+    finite = all_labels[np.isfinite(all_labels)]
+    if not finite.size:
         logger.info("%s: no labels; assuming the MOSI/MOSEI label scale [-3, 3]", path)
     else:
-        logger.info("%s: label scale inferred from the labels: %s; set label_scale to override", path, scale)
+        logger.info("%s: label scale inferred from the labels (max |y| = %.3g): %s; set label_scale to "
+                    "override", path, float(np.abs(finite).max()), scale)
     return scale
 
 

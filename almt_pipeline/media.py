@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import DependencyError, MediaError
 from .probe import INPUT_OPTIONS, MediaInfo, ffmpeg_exe, last_error_line, probe
+from .utils import one_line
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int, *, info: MediaInfo | N
             args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
     except OSError as e:
-        raise DependencyError(f"cannot run {args[0]!r}: {e}") from e
+        raise DependencyError(f"cannot run {args[0]!r}: {one_line(e)}") from e
     stderr: deque[str] = deque(maxlen=STDERR_KEEP_LINES)
     stderr_thread = threading.Thread(target=_drain_lines, args=(proc.stderr, stderr), daemon=True)
     stderr_thread.start()
@@ -152,7 +153,7 @@ class FrameStream:
                 bufsize=self._frame_bytes,
             )
         except OSError as e:
-            raise DependencyError(f"cannot run {args[0]!r}: {e}") from e
+            raise DependencyError(f"cannot run {args[0]!r}: {one_line(e)}") from e
         self._stdout = cast(io.BufferedReader, self._proc.stdout)  # stdout=PIPE with a buffer size
         # Drain stderr on a thread so a chatty ffmpeg never blocks on a full pipe. Neither the
         # thread nor the finalizer refers to self, so dropping the stream stops ffmpeg.

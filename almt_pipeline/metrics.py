@@ -175,12 +175,15 @@ def split_metrics(pred: Any, truth: Any, scale: str) -> dict[str, float]:
 def is_better(metric: str, new: float | None, old: float | None) -> bool:
     """True when ``new`` strictly improves on ``old`` (lower for MAE/Loss, higher otherwise).
 
-    A non-finite ``new`` (NaN, inf) never improves; a finite one improves on ``None`` or on a
-    non-finite ``old``.
+    The first value (``old`` is None) is always the best so far, so a run always has a
+    selected epoch; after that a non-finite ``new`` (NaN, inf) never improves, and a finite one
+    improves on a non-finite ``old``.
     """
+    if old is None:
+        return True
     if new is None or not math.isfinite(new):
         return False
-    if old is None or not math.isfinite(old):
+    if not math.isfinite(old):
         return True
     return new < old if metric in LOWER_IS_BETTER else new > old
 

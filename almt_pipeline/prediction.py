@@ -32,10 +32,10 @@ from .extractors.clip import ClipExtractor, ClipFailure, TranscriberLike, run_gu
 from .extractors.dataset import ClipSpec, list_plain_clips
 from .extractors.text import TextFeaturizer
 from .features import fit_length
-from .metrics import sentiment_class
+from .metrics import LABEL_RANGES, canonical_scale, sentiment_class
 from .model.checkpoint import LoadedCheckpoint, load_checkpoint
 from .runs import find_latest_checkpoint
-from .utils import atomic_write_csv, atomic_write_text, resolve_device
+from .utils import atomic_write_csv, atomic_write_text, one_line, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,9 @@ class Predictor:
 
 def predict(clips: str | Path | Sequence[str | Path], checkpoint: str | Path | None = None,
             device: str = "auto") -> list[Prediction]:
-    """Score a clip, a folder of clips or a list of clips with one loaded :class:`Predictor`."""
-    items: list[ClipSpec] | list[str | Path] = list_inputs(clips) if isinstance(clips, (str, Path)) else list(clips)
+    """Score a clip, a folder of clips or a list of them with one loaded :class:`Predictor`."""
+    paths = [clips] if isinstance(clips, (str, Path)) else list(clips)
+    items = [spec for p in paths for spec in list_inputs(p)]
     predictor = Predictor(checkpoint, device=device, preload_asr=needs_asr(items))
     return predictor.predict_many(items)
 
@@ -185,7 +186,8 @@ def list_inputs(path: str | Path) -> list[ClipSpec]:
 
 def format_prediction(r: Prediction) -> str:
     """A few lines for people: score, polarity and class, transcript, face share, timings."""
-    scale = "[-1, 1]" if r.label_scale == "sims" else "[-3, 3]"
+    bound = LABEL_RANGES[canonical_scale(r.label_scale)]
+    scale = f"[{-bound:g}, {bound:g}]"
     t = r.timings
     steps = ", ".join(f"{k} {t[k]:.2f}s" for k in ("audio", "asr", "text", "face", "model") if k in t)
     transcript = r.transcript if len(r.transcript) <= 200 else r.transcript[:197] + "..."
@@ -228,7 +230,7 @@ def _extraction_config(ckpt: LoadedCheckpoint, ckpt_dir: Path) -> Config:
     except AlmtError as e:
         raise CheckpointError(
             f"{ckpt_dir}: the stored extraction settings are not understood by this version "
-            f"of almt-pipeline ({e})"
+            f"of almt-pipeline ({one_line(e)})"
         ) from e
 
 

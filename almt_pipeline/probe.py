@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DependencyError, MediaError
+from .utils import one_line
 
 PROBE_TIMEOUT_S = 120.0  # a probe only reads headers; anything slower is a broken/hostile file
 # Ask ffmpeg to read local files only: a "video" that is really a playlist must not fetch URLs.
@@ -140,7 +141,7 @@ def _run_probe(args: list[str], path: Path) -> subprocess.CompletedProcess[bytes
     except subprocess.TimeoutExpired as e:
         raise MediaError(f"{path}: probing timed out after {PROBE_TIMEOUT_S:.0f} s") from e
     except OSError as e:
-        raise DependencyError(f"cannot run {args[0]!r}: {e}") from e
+        raise DependencyError(f"cannot run {args[0]!r}: {one_line(e)}") from e
 
 
 def last_error_line(stderr: str, path: Path) -> str:

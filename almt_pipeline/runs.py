@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -276,7 +277,9 @@ def best_per_metric_on_test(history: History) -> dict[str, dict[str, Any]]:
     best_epoch: dict[str, dict[str, Any]] = {}
     for key in rows[0]["test"]:
         for r in rows:
-            if is_better(key, r["test"].get(key), best_epoch[key]["test"][key] if key in best_epoch else None):
+            value = r["test"].get(key, math.nan)
+            best = best_epoch[key]["test"][key] if key in best_epoch else None
+            if math.isfinite(value) and is_better(key, value, best):
                 best_epoch[key] = r
     table = {}
     for key in rows[0]["test"]:

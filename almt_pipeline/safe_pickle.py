@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import FeatureFileError, UnsafePickleError
+from .utils import one_line
 
 _NUMPY_MAJOR = int(np.__version__.split(".")[0])
 # numpy internals that plain arrays / dtypes / scalars are rebuilt with (numpy 2 spelling).
@@ -125,7 +126,7 @@ def _unpickle_stream(f: io.BufferedReader, path: Path) -> object:
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt/foreign file
             raise FeatureFileError(
                 f"{path}: not a readable feature pickle (truncated or corrupt?): "
-                f"{type(e).__name__}: {e}"
+                f"{type(e).__name__}: {one_line(e)}"
             ) from e
     raise FeatureFileError(f"{path}: not a readable feature pickle: {last_error}") from last_error
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ConfigError, FeatureFileError
+from .utils import one_line
 
 SPLITS = ("train", "valid", "test")
 SCHEMA_VERSION = 1
@@ -154,7 +155,7 @@ def _collect_arrays(name: str, raw: Any, problems: Problems, require_labels: boo
         try:
             out[key] = as_array(value)
         except Exception as e:  # noqa: BLE001 - ragged lists and the like
-            problems.add(f"{name}/{key}", f"not an array ({type(e).__name__}: {e})")
+            problems.add(f"{name}/{key}", f"not an array ({type(e).__name__}: {one_line(e)})")
     n = len(out["id"]) if "id" in out and out["id"].ndim == 1 else None
     # equal lengths within the split
     sizes = {k: (v.shape[0] if v.ndim else None) for k, v in out.items()}

@@ -231,6 +231,7 @@ def _train_seed(cfg: Config, seed: int, run_dir: Path, data: _Data, settings: _S
             break
         record = _run_epoch(cfg, st, train_loader, data, settings, epoch, desc)
         _select(cfg, st, record, run_dir, data, settings.device, seed)
+        record["time_s"] = time.perf_counter() - record.pop("t0")
         st.history.append(record)
         st.scheduler.step()
         st.stopped_early = t.patience is not None and st.bad_epochs >= t.patience
@@ -297,7 +298,7 @@ def _run_epoch(cfg: Config, st: _SeedState, loader: DataLoader[Batch], data: _Da
         if split is not None and split.labelled:
             pred = predict_split(st.model, split, cfg.train.eval_batch_size, settings.device, st.amp)
             record[name] = split_metrics(pred, split.labels.numpy(), data.scale)
-    record["time_s"] = time.perf_counter() - t0
+    record["t0"] = t0  # replaced by "time_s" once the epoch's checkpoint is saved
     return record
 
 

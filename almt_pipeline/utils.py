@@ -115,7 +115,7 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-ONE_LINE_LIMIT = 300  # characters of an exception's message kept on one line
+ONE_LINE_LIMIT = 500  # characters of an exception's message kept on one line
 
 
 def one_line(e: BaseException) -> str:

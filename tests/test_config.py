@@ -99,7 +99,7 @@ def test_defaults_are_the_embedded_default():
     ("train:\n  weight_decay: -1.0e-4\n", "'train.weight_decay' must be at least 0, got -0.0001"),
     ("train:\n  warmup_ratio: 1.0\n", r"'train.warmup_ratio' must be in \[0, 1\), got 1.0"),
     ("train:\n  patience: 0\n", r"'train.patience' must be at least 1 \(or null\), got 0"),
-    ("train:\n  grad_clip: 0\n", r"'train.grad_clip' must be greater than 0 \(or null\), got 0.0"),
+    ("train:\n  grad_clip: -1\n", r"'train.grad_clip' must be at least 0 \(or null\), got -1.0"),
     ("train:\n  eval_batch_size: 0\n", "'train.eval_batch_size' must be at least 1, got 0"),
     ("train:\n  label_scale: imdb\n", "'train.label_scale' must be one of auto, mosi, mosei, sims, got 'imdb'"),
     ("extract:\n  min_duration: -1\n", "'extract.min_duration' must be at least 0, got -1.0"),

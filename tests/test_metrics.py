@@ -168,7 +168,8 @@ def test_is_better_and_format():
     # the rule training selects checkpoints with: inf never improves, anything finite beats inf
     assert not is_better("MAE", float("inf"), 1.0) and not is_better("Corr", float("inf"), 0.5)
     assert is_better("MAE", 5.0, float("inf")) and is_better("Corr", -1.0, float("-inf"))
-    assert not is_better("MAE", None, None)
+    assert is_better("MAE", float("nan"), None)  # the first epoch is always selected
+    assert not is_better("MAE", None, 1.0)
     assert sort_key("MAE", 0.5) < sort_key("MAE", 0.7) and sort_key("Corr", 0.7) < sort_key("Corr", 0.5)
     assert sort_key("MAE", float("nan")) == sort_key("Corr", None) == float("inf")
     line = format_metrics({"MAE": 0.712345, "Corr": float("nan"), "epoch": 3})

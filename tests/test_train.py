@@ -317,3 +317,26 @@ def test_cuda_mixed_precision_training_is_finite_and_repeatable(tiny, tmp_path, 
     assert first["test"] == second["test"] and first["device"].startswith("cuda")
     result = evaluate(tmp_path / "a" / "checkpoint", data, split="test", device="cuda", quiet=True)
     assert result["metrics"]["MAE"] == pytest.approx(first["test"]["MAE"], abs=1e-3)
+
+
+def test_a_non_finite_first_epoch_still_gives_a_checkpoint(tiny, tmp_path, monkeypatch):
+    """The first epoch is always the best so far; a later finite one replaces a non-finite one."""
+    from almt_pipeline import train as train_module
+
+    text_model, data = tiny
+    real = train_module.split_metrics
+    calls = []
+
+    def inf_at_first_valid(pred, truth, scale):
+        m = real(pred, truth, scale)
+        calls.append(1)
+        if len(calls) == 1:  # epoch 1, valid split
+            m["MAE"] = float("inf")
+        return m
+
+    monkeypatch.setattr(train_module, "split_metrics", inf_at_first_valid)
+    summary = train(tiny_config(text_model, epochs=3, patience=1), data, tmp_path / "run", device="cpu",
+                    quiet=True)
+    history = _history(tmp_path / "run")
+    assert history[0]["improved"] and history[1]["improved"]
+    assert summary["selected_epoch"] >= 2 and (tmp_path / "run/checkpoint/model.safetensors").is_file()

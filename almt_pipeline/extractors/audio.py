@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ConfigError, ExtractionError
+from ..utils import one_line
 from .audio_chunks import ChunkPlan, Signal, reuse_cqt_filters
 
 if TYPE_CHECKING:
@@ -253,7 +254,7 @@ class AudioFeaturizer:
             else:
                 blocks = self._compute_chunked(plan, current)
         except Exception as e:  # librosa ParameterError etc. on odd input
-            raise ExtractionError(f"audio feature {current[0]!r} failed on {y.size} samples: {e}") from e
+            raise ExtractionError(f"audio feature {current[0]!r} failed on {y.size} samples: {one_line(e)}") from e
         t = min(b.shape[1] for b in blocks)
         out = np.concatenate([b[:, :t] for b in blocks], axis=0).T  # (T, dim)
         if not np.isfinite(out).all():  # silence guard: never hand NaN/inf to the model

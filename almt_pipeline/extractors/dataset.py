@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import ExtractionError
 from ..schema import check_split
+from ..utils import one_line
 from .asr import read_sidecar_transcript
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def read_label_csv(csv_path: str | Path) -> list[ClipSpec]:
             reader.fieldnames = header
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ExtractionError(f"{csv_path}: cannot read ({e})") from e
+        raise ExtractionError(f"{csv_path}: cannot read ({one_line(e)})") from e
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise ExtractionError(

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import VisualConfig
 from ..errors import ConfigError, DependencyError, ExtractionError
-from ..utils import resolve_device
+from ..utils import one_line, resolve_device
 from .faces import FACE_FLAG, LANDMARK_NAMES, N_LANDMARKS, POSE_NAMES, VisualFeatures, normalise_landmarks
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def build_pyfeat_detector(device: torch.device | str) -> FexDetector:
     except ImportError as e:
         raise DependencyError(NOT_INSTALLED) from e
     except Exception as e:  # noqa: BLE001 - e.g. a torchvision build that does not match torch
-        raise DependencyError(f"py-feat failed to import ({type(e).__name__}: {e}); "
+        raise DependencyError(f"py-feat failed to import ({type(e).__name__}: {one_line(e)}); "
                               "check that torch and torchvision versions match") from e
     try:
         return Detectorv1(face_model="retinaface", landmark_model="mobilefacenet", au_model="xgb",
@@ -72,7 +72,7 @@ def build_pyfeat_detector(device: torch.device | str) -> FexDetector:
     except Exception as e:  # noqa: BLE001 - hub/network/cache errors come in many types
         raise DependencyError(
             "py-feat could not load its model weights; they download from the Hugging Face hub on "
-            f"first use and need internet once (then they are cached): {type(e).__name__}: {e}"
+            f"first use and need internet once (then they are cached): {type(e).__name__}: {one_line(e)}"
         ) from e
 
 
@@ -166,7 +166,7 @@ class PyFeatFaceFeaturizer:
         except (DependencyError, ExtractionError):
             raise
         except Exception as e:  # noqa: BLE001 - model failures become one clear line
-            raise ExtractionError(f"py-feat detection failed: {type(e).__name__}: {e}") from e
+            raise ExtractionError(f"py-feat detection failed: {type(e).__name__}: {one_line(e)}") from e
         return rows_from_fex(fex, len(batch), self.with_landmarks)
 
     def __call__(self, frames: Iterable[tuple[float, np.ndarray]]) -> VisualFeatures:

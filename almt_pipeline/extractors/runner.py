@@ -43,7 +43,7 @@ from .clip import (
     run_guarded,
 )
 from .dataset import ClipSpec, discover, has_unimodal_labels
-from .faces import FaceFeaturizer, make_face_featurizer
+from .faces import make_face_featurizer
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,13 @@ def extract(input_path: str | os.PathLike, out_path: str | os.PathLike = "featur
             summary.extracted += 1
             summary.clip_seconds += outcome.duration
 
-    _run_batch(cfg, device, specs, todo, cache, finish, quiet, workers, audio_fz, face_fz)
+    extractor = None
+    if todo and workers == 1:
+        extractor = ClipExtractor(cfg, device, audio_featurizer=audio_fz, face_featurizer=face_fz)
+    elif todo:
+        _warm_up(audio_fz)
+    del audio_fz, face_fz  # worker processes load their own models
+    _run_batch(cfg, device, specs, todo, cache, finish, quiet, workers, extractor)
     _write_output(cfg, specs, outcomes, feature_names, summary, input_path, out_path)
     summary.total_seconds = time.perf_counter() - t0
     results_log.info("%s", summary.to_text())
@@ -155,19 +161,18 @@ def extract(input_path: str | os.PathLike, out_path: str | os.PathLike = "featur
 
 def _run_batch(cfg: Config, device: str, specs: list[ClipSpec], todo: list[int], cache: ClipCache,
                finish: Callable[[int, Outcome], None], quiet: bool, workers: int,
-               audio_fz: AudioFeaturizerLike, face_fz: FaceFeaturizer) -> None:
-    """Extract the clips ``todo`` in this process or in ``workers`` processes."""
+               extractor: ClipExtractor | None) -> None:
+    """Extract the clips ``todo`` with ``extractor`` in this process, or (None) in ``workers``
+    processes that load their own models."""
     redirect: AbstractContextManager[Any] = nullcontext() if quiet else logging_redirect_tqdm()
     try:
         with redirect:
-            if todo and workers == 1:
-                extractor = ClipExtractor(cfg, device, audio_featurizer=audio_fz, face_featurizer=face_fz)
+            if extractor is not None:
                 with _progress(len(todo), quiet) as bar:
                     for i in todo:
                         finish(i, _extract_one(extractor, specs[i], cache.path_for(specs[i])))
                         bar.update(1)
             elif todo:
-                _warm_up(audio_fz)
                 _run_parallel(cfg, device, specs, todo, cache, finish, quiet, workers)
     except KeyboardInterrupt:
         n_done = sum(s.problem is None and cache.path_for(s).is_file() for s in specs)
@@ -270,7 +275,7 @@ def _run_parallel(cfg: Config, device: str, specs: list[ClipSpec], todo: list[in
                 except AlmtError:
                     raise
                 except BrokenProcessPool as e:
-                    raise ExtractionError(f"a worker process died ({e}); rerun to resume") from e
+                    raise ExtractionError(f"a worker process died ({one_line(e)}); rerun to resume") from e
                 except Exception as e:
                     raise ExtractionError(
                         f"a worker process could not start: {type(e).__name__}: {one_line(e)}"

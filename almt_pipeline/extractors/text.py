@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ExtractionError
 from ..model.text_encoder import load_text_model
-from ..utils import resolve_device
+from ..utils import one_line, resolve_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -110,7 +110,7 @@ class TextFeaturizer:
                 text_bert, n_tokens = self._encode(chunk)
                 hidden = self._hidden(text_bert)  # (B, L, H)
             except Exception as e:  # tokenizer / model failure on odd input
-                raise ExtractionError(f"text model {self.text_model!r} failed: {e}") from e
+                raise ExtractionError(f"text model {self.text_model!r} failed: {one_line(e)}") from e
             for i, n in enumerate(n_tokens):
                 results.append(TextFeatures(text_bert[i], hidden[i], n, n > self.text_len))
         return results

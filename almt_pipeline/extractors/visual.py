@@ -27,6 +27,7 @@ import numpy as np
 
 from ..config import VisualConfig
 from ..errors import ConfigError, DependencyError, ExtractionError
+from ..utils import one_line
 from .faces import (
     BOX_NAMES,
     EYE_L,
@@ -37,7 +38,6 @@ from .faces import (
     VisualFeatures,
     eye_centres,
     interocular,
-    make_face_featurizer,  # noqa: F401 - kept importable from here for existing callers
     normalise_landmarks,
 )
 
@@ -300,7 +300,7 @@ class LandmarkFaceFeaturizer:
         try:
             self._predictor = dlib.shape_predictor(str(path))
         except RuntimeError as e:
-            raise DependencyError(f"{path}: cannot load dlib's landmark model ({e})") from e
+            raise DependencyError(f"{path}: cannot load dlib's landmark model ({one_line(e)})") from e
         self._detector = dlib.get_frontal_face_detector()
         self._rect = dlib.rectangle
         self.cfg = cfg

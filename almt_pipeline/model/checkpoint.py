@@ -94,7 +94,7 @@ def save_checkpoint(
         try:
             tokenizer.save_pretrained(str(text_dir))
         except Exception as e:  # tokenizer libraries raise many types
-            raise CheckpointError(f"{text_dir}: cannot save the tokenizer ({e})") from e
+            raise CheckpointError(f"{text_dir}: cannot save the tokenizer ({one_line(e)})") from e
         weights = tmp / WEIGHTS_FILE
         _save_weights(model, weights)
         meta = {
@@ -129,7 +129,7 @@ def load_checkpoint(dir: str | os.PathLike[str], device: str | torch.device = "c
     try:
         cfg = config_from_dict(meta["config"], source=str(config_file))
     except ConfigError as e:
-        raise CheckpointError(f"{config_file}: invalid model config ({e})") from e
+        raise CheckpointError(f"{config_file}: invalid model config ({one_line(e)})") from e
     text_config_file = path / TEXT_MODEL_DIR / "config.json"
     text_config = _read_json(text_config_file)
     try:
@@ -137,12 +137,12 @@ def load_checkpoint(dir: str | os.PathLike[str], device: str | torch.device = "c
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{text_config_file}: cannot build the text model ({e})") from e
+        raise CheckpointError(f"{text_config_file}: cannot build the text model ({one_line(e)})") from e
     text_dim = int(meta.get("text_dim", text_config.get("hidden_size", 0)))
     try:
         model = ALMT(cfg.model, text_encoder, text_dim)
     except Exception as e:
-        raise CheckpointError(f"{config_file}: cannot build ALMT from the stored config ({e})") from e
+        raise CheckpointError(f"{config_file}: cannot build ALMT from the stored config ({one_line(e)})") from e
     _load_weights(model, path / WEIGHTS_FILE)
     model.to(device).eval()
     tokenizer = _load_tokenizer(path / TEXT_MODEL_DIR)
@@ -254,7 +254,7 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         save_model(model, str(path), metadata={"format": FORMAT_NAME})
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot write weights ({e})") from e
+        raise CheckpointError(f"{path}: cannot write weights ({one_line(e)})") from e
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
