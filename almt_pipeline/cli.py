@@ -23,6 +23,7 @@ import typer
 from .config import BUILTIN_CONFIGS, EXTRACTION_CONFIGS, Config, load_config, replace_config
 from .errors import AlmtError, ConfigError
 from .schema import SPLITS, check_split
+from .utils import one_line
 
 # The commands' modules import torch and transformers: they are imported inside the commands so
 # that `almt --help` and argument errors answer at once.
@@ -64,7 +65,7 @@ def _one_line_errors(func: F) -> F:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1) from None
         except OSError as e:  # unwritable output, full disk, ...: the message names the file
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {one_line(e)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -116,7 +117,7 @@ def extract(
         None, "--asr-model",
         help="faster-whisper model name or path for clips without a transcript.",
     ),
-    workers: int = typer.Option(1, "--workers", "-j", min=1, help="Clips processed in parallel."),
+    workers: int = typer.Option(1, "--workers", "-j", help="Clips processed in parallel."),
     unlabeled_split: str = typer.Option(
         "test", "--unlabeled-split",
         help=f"Split that receives clips without labels ({', '.join(SPLITS)}).",
@@ -165,9 +166,10 @@ def train(
         help="Run directory (default: runs/<date-time>; with --resume: the newest run).",
     ),
     text_model: str | None = TextModelOpt,
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Number of epochs (config: train.epochs)."),
+    # bounds are checked with the config (one error line), not by the option parser
+    epochs: int | None = typer.Option(None, "--epochs", help="Number of epochs (config: train.epochs)."),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", min=1,
+        None, "--batch-size",
         help="Training batch size (config: train.batch_size).",
     ),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (config: train.lr)."),
@@ -177,7 +179,7 @@ def train(
         help="Comma-separated seeds, e.g. 1111,1112,1113: one run each, mean +- std.",
     ),
     patience: int | None = typer.Option(
-        None, "--patience", min=1,
+        None, "--patience",
         help="Early stopping after this many epochs without improvement.",
     ),
     select_metric: str | None = typer.Option(
@@ -238,7 +240,7 @@ def evaluate(
         help="Write per-sample predictions (id, label, prediction) to this CSV.",
     ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", min=1,
+        None, "--batch-size",
         help="Samples per batch (default: the checkpoint config's train.eval_batch_size).",
     ),
     device: str = DeviceOpt,

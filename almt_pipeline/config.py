@@ -3,9 +3,11 @@
 A config has three sections: ``model`` (ALMT sizes and the text model), ``train`` (optimisation
 and model selection) and ``extract`` (how features are made from raw clips). Loading is strict:
 an unknown or misspelt key is an error naming it, and values are type-checked. Each numeric
-field's range (``_size``: at least 1; ``_bounded``: a :class:`Bound`) and each string field's
-choices (``_choice``) are declared on the field itself and enforced by one loop over the fields,
-so a bad value is one line naming the key, the rule and the value. Configs are never
+field's range (``_size``: from 1 to a declared maximum; ``_bounded``: a :class:`Bound`) and each
+string field's choices (``_choice``) are declared on the field itself and enforced by one loop
+over the fields, so a bad value is one line naming the key, the rule and the value. Every size
+has an upper bound: a config read from an untrusted checkpoint cannot ask for a model or a buffer
+that would exhaust memory before anything checks it. Configs are never
 mutated while running; values that depend on data (e.g. the text model's hidden size) are
 resolved next to the config, not written back into it.
 
@@ -36,36 +38,63 @@ BUILTIN_CONFIGS = ("default", "pyfeat", "mosi", "mosei", "sims")
 EXTRACTION_CONFIGS = ("default", "pyfeat")  # built-ins whose model widths match the extractors
 
 
+# Upper bounds of model sizes. Each is far above any ALMT or BERT in use, and low enough that no
+# single number can make building the model allocate without limit; their product is checked
+# against the weights file when a checkpoint is loaded (model/checkpoint.py).
+MAX_DEPTH = 64  # blocks in one stack: the released models use 1 to 4, BERT-large 24
+MAX_HEADS = 256  # attention heads: ALMT uses 8, the largest published transformers under 200
+# widths (feature widths, model width, head width, MLP width): 2**16 is wider than any layer of a
+# published transformer (GPT-3's MLP: 49152) or any face/acoustic feature set (OpenFace: 709)
+MAX_WIDTH = 65536
+# sequence lengths (tokens, frames, summary tokens): 100000 audio frames at 43 per second are 39
+# minutes of speech, while the built-in configs pad to at most 500 frames
+MAX_LENGTH = 100_000
+# samples per batch: 64 times the released batch size, more than a whole split of MOSI (1284)
+MAX_BATCH = 4096
+MAX_EPOCHS = 100_000  # epochs (and early-stopping patience): the released runs train 200
+
+
 @dataclass(frozen=True)
 class Bound:
     """The values a numeric config field admits: at least ``low`` (greater than ``low`` when
-    ``low_open``) and, when ``high`` is set, below ``high``. NaN and infinities are never admitted."""
+    ``low_open``) and, when ``high`` is set, below ``high`` (at most ``high`` unless ``high_open``).
+    NaN and infinities are never admitted."""
 
     low: float
     high: float | None = None
     low_open: bool = False
+    high_open: bool = True
 
     def admits(self, value: float) -> bool:
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # ints: exact, however large
             return False
         above = value > self.low if self.low_open else value >= self.low
-        return above and (self.high is None or value < self.high)
+        if self.high is None or not above:
+            return above
+        return value < self.high if self.high_open else value <= self.high
 
     def describe(self) -> str:
-        """E.g. ``at least 1``, ``greater than 0``, ``in [0, 1)``."""
+        """E.g. ``at least 1``, ``greater than 0``, ``in [0, 1)``, ``in [1, 64]``."""
         if self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g})"
-        return f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+            return (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        return f"{'greater than' if self.low_open else 'at least'} {_number(self.low)}"
 
 
-def _bounded(default: Any, low: float, high: float | None = None, *, low_open: bool = False) -> Any:
-    """A field whose value (when not null) must lie within ``Bound(low, high, low_open)``."""
-    return field(default=default, metadata={"bound": Bound(low, high, low_open)})
+def _number(x: float) -> str:
+    """``100000`` rather than ``1e+05``; ``0.5`` as is."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def _size(default: int | None) -> Any:
-    """An integer field that must be at least 1: a length, width, count or depth."""
-    return _bounded(default, 1)
+def _bounded(default: Any, low: float, high: float | None = None, *, low_open: bool = False,
+             high_open: bool = True) -> Any:
+    """A field whose value (when not null) must lie within ``Bound(low, high, low_open, high_open)``."""
+    return field(default=default, metadata={"bound": Bound(low, high, low_open, high_open)})
+
+
+def _size(default: int | None, most: int) -> Any:
+    """An integer field from 1 to ``most``: a length, width, count or depth."""
+    return _bounded(default, 1, most, high_open=False)
 
 
 def _choice(default: str, choices: tuple[str, ...]) -> Any:
@@ -78,30 +107,30 @@ class ModelConfig:
     """ALMT sizes. Input widths and max lengths must match the feature file."""
 
     text_model: str = DEFAULT_TEXT_MODEL  # Hugging Face hub name or local path (BERT architecture)
-    text_len: int = _size(50)  # L: tokens per sample
-    audio_dim: int = _size(33)  # d_a
-    audio_len: int = _size(250)  # T_a max
-    vision_dim: int = _size(160)  # d_v (landmarks backend)
-    vision_len: int = _size(60)  # T_v max
-    dim: int = _size(128)  # D: model width
-    n_tokens: int = _size(8)  # T: summary tokens per modality
+    text_len: int = _size(50, MAX_LENGTH)  # L: tokens per sample
+    audio_dim: int = _size(33, MAX_WIDTH)  # d_a
+    audio_len: int = _size(250, MAX_LENGTH)  # T_a max
+    vision_dim: int = _size(160, MAX_WIDTH)  # d_v (landmarks backend)
+    vision_len: int = _size(60, MAX_LENGTH)  # T_v max
+    dim: int = _size(128, MAX_WIDTH)  # D: model width
+    n_tokens: int = _size(8, MAX_LENGTH)  # T: summary tokens per modality
     # modality embedding (one pre-norm transformer per modality)
-    embed_depth: int = _size(1)
-    embed_heads: int = _size(8)
-    embed_dim_head: int = _size(64)
-    embed_mlp_dim: int = _size(128)
+    embed_depth: int = _size(1, MAX_DEPTH)
+    embed_heads: int = _size(8, MAX_HEADS)
+    embed_dim_head: int = _size(64, MAX_WIDTH)
+    embed_mlp_dim: int = _size(128, MAX_WIDTH)
     # adaptive hyper-modality learning; the language-scale transformer has ahl_depth - 1 blocks
-    ahl_depth: int = _size(3)
-    ahl_heads: int = _size(8)
-    ahl_dim_head: int = _size(16)
-    lang_heads: int = _size(8)
-    lang_dim_head: int = _size(64)
-    lang_mlp_dim: int = _size(128)
+    ahl_depth: int = _size(3, MAX_DEPTH)
+    ahl_heads: int = _size(8, MAX_HEADS)
+    ahl_dim_head: int = _size(16, MAX_WIDTH)
+    lang_heads: int = _size(8, MAX_HEADS)
+    lang_dim_head: int = _size(64, MAX_WIDTH)
+    lang_mlp_dim: int = _size(128, MAX_WIDTH)
     # cross-modality fusion
-    fusion_depth: int = _size(2)
-    fusion_heads: int = _size(8)
-    fusion_dim_head: int = _size(64)
-    fusion_mlp_dim: int = _size(128)
+    fusion_depth: int = _size(2, MAX_DEPTH)
+    fusion_heads: int = _size(8, MAX_HEADS)
+    fusion_dim_head: int = _size(64, MAX_WIDTH)
+    fusion_mlp_dim: int = _size(128, MAX_WIDTH)
     dropout: float = _bounded(0.0, 0.0, 1.0)  # in [0, 1)
     masked: bool = False  # key-padding masks from lengths (released code: False)
     # attention computed by Attention.forward_fast (LayerNorm affines folded into Q/K/V, few-query
@@ -114,36 +143,42 @@ class ModelConfig:
 class TrainConfig:
     lr: float = _bounded(1e-4, 0.0, low_open=True)
     weight_decay: float = _bounded(1e-4, 0.0)
-    batch_size: int = _size(64)
-    epochs: int = _size(200)
+    batch_size: int = _size(64, MAX_BATCH)
+    epochs: int = _size(200, MAX_EPOCHS)
     warmup_ratio: float = _bounded(0.1, 0.0, 1.0)  # linear warm-up over this fraction of epochs, then cosine
     seed: int = 7
     seeds: list[int] | None = None  # several seeds -> mean +- std
     select_metric: str = "MAE"  # validation metric that selects the checkpoint
-    patience: int | None = _size(None)  # early stopping (epochs without improvement); None = off
+    patience: int | None = _size(None, MAX_EPOCHS)  # early stopping (epochs without improvement); None = off
     amp: str = _choice("none", ("none", "bf16", "fp16"))  # fp16 / bf16: CUDA only
     grad_clip: float | None = _bounded(None, 0.0)  # max gradient norm; None or 0 = off
-    eval_batch_size: int = _size(128)
+    eval_batch_size: int = _size(128, MAX_BATCH)
     # auto (from the data) | mosi ([-3, 3]) | mosei (as mosi) | sims ([-1, 1])
     label_scale: str = _choice("auto", ("auto", *SCALES))
 
 
 @dataclass
 class AudioConfig:
-    sample_rate: int = _size(22050)
-    hop_length: int = _size(512)
-    n_fft: int = _size(2048)
+    sample_rate: int = _size(22050, 384_000)  # Hz: the highest rate audio hardware records
+    # samples per frame step and per FFT window: 2**16 is 3 s at 22050 Hz, far longer than a frame
+    hop_length: int = _size(512, 65536)
+    n_fft: int = _size(2048, 65536)
     features: list[str] = field(default_factory=lambda: ["zcr", "mfcc", "chroma_cqt"])
-    n_mfcc: int = _size(20)
-    n_chroma: int = _size(12)
+    n_mfcc: int = _size(20, 128)  # at most the 128 mel bands the MFCCs are computed from
+    # pitch classes per octave (12 semitones; 24 quarter tones); the CQT uses 3 bins per class
+    # and its longest filter grows with them, so finer classes cost memory for no use
+    n_chroma: int = _size(12, 48)
 
 
 @dataclass
 class VisualConfig:
     backend: str = _choice("landmarks", ("landmarks", "pyfeat"))  # landmarks (dlib, offline) | pyfeat
-    fps: float = _bounded(10.0, 0.0, low_open=True)  # frames sampled per second of video
-    max_side: int = _size(320)  # frames are downscaled so the longer side is at most this
-    detect_every: int = _size(5)  # landmarks backend: run the face detector every N sampled frames
+    # frames sampled per second of video, at most 1000 (high-speed cameras): more only repeats frames
+    fps: float = _bounded(10.0, 0.0, 1000.0, low_open=True, high_open=False)
+    # frames are downscaled (never up) so the longer side is at most this; 16384 is beyond 16K video
+    max_side: int = _size(320, 16384)
+    # landmarks backend: run the face detector every N sampled frames (a count of frames)
+    detect_every: int = _size(5, MAX_LENGTH)
     pyfeat_landmarks: bool = False  # pyfeat backend: also output the 68 landmarks
     pyfeat_device: str = "auto"
 
@@ -239,7 +274,8 @@ def replace_config(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 def _build(cls: type, raw: Any, source: str, where: tuple[str, ...]) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{'.'.join(where)}' must be a mapping, got {raw!r}")
+        what = f"'{'.'.join(where)}'" if where else "the config"
+        raise ConfigError(f"{source}: {what} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in raw if k not in fields]
@@ -321,7 +357,7 @@ def _check_fields(obj: Any, source: str, where: tuple[str, ...]) -> None:
         if bound is None or value is None or bound.admits(value):
             continue
         need = bound.describe()
-        if not math.isfinite(value) and bound.high is None:
+        if isinstance(value, float) and not math.isfinite(value) and bound.high is None:
             need = f"finite and {need}"
         or_null = " (or null)" if f.default is None else ""
         raise ConfigError(f"{source}: '{key}' must be {need}{or_null}, got {value!r}")

@@ -31,11 +31,11 @@ def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *,
     order.
     """
     check_split(split)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint_dir, dev)
     batch_size = ckpt.cfg.train.eval_batch_size if batch_size is None else batch_size
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be positive, got {batch_size}")
     data = load_features(data_path, model_cfg=ckpt.cfg.model, splits=(split,), require_labels=False,
                          label_scale=ckpt.label_scale)
     check_feature_names(ckpt.feature_meta, data.meta, Path(checkpoint_dir), Path(data_path))

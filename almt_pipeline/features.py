@@ -25,11 +25,14 @@ from .safe_pickle import safe_load_pickle
 from .schema import (
     LABEL_KEY,
     LENGTH_KEYS,
+    MAX_NESTING,
     META_KEY,
     SCHEMA_VERSION,
     SPLITS,
     STRING_KEYS,
     Arrays,
+    ExpansionBudget,
+    ExpansionError,
     Problems,
     as_array,
     check_against_config,
@@ -108,10 +111,8 @@ def load_features(
     obj = safe_load_pickle(path)
     if not isinstance(obj, Mapping):
         raise FeatureFileError(f"{path}: expected a dict of splits at the top level, found {type(obj).__name__}")
-    meta = obj.get(META_KEY) or {}
-    if not isinstance(meta, Mapping):
-        raise FeatureFileError(f"{path}: top-level '{META_KEY}' is a {type(meta).__name__}, expected a dict")
-    meta = dict(meta)
+    budget = ExpansionBudget(path.stat().st_size)  # lists and meta, before anything expands them
+    meta = _checked_meta(obj.get(META_KEY), budget, path)
     cfg_scale = None
     if isinstance(model_cfg, Config):
         cfg_scale = model_cfg.train.label_scale
@@ -121,7 +122,8 @@ def load_features(
     problems = Problems(path)
     loaded: dict[str, Arrays] = {}
     for s in _wanted_splits(obj, splits, path, problems):
-        data = validate_split(s, obj[s], problems, require_labels=require_labels, fix_nonfinite=fix_nonfinite)
+        data = validate_split(s, obj[s], problems, require_labels=require_labels, fix_nonfinite=fix_nonfinite,
+                              budget=budget)
         if data is not None:
             loaded[s] = data
     del obj
@@ -134,6 +136,44 @@ def load_features(
     sizes = ", ".join(f"{s} {len(d['id'])}" for s, d in loaded.items())
     logger.info("%s: loaded %s samples (label scale %s)", path, sizes, scale)
     return FeatureFile(path=path, splits=loaded, meta=meta, label_scale=scale)
+
+
+def _checked_meta(meta: Any, budget: ExpansionBudget, path: Path) -> dict[str, Any]:
+    """The file's meta dict: plain builtins (what JSON holds), sized against the file's budget
+    before anything (logging, JSON in checkpoints) expands shared parts of it."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise FeatureFileError(f"{path}: top-level '{META_KEY}' is a {type(meta).__name__}, expected a dict")
+    try:
+        budget.take(_plain_size(meta, {}, 0)[0], f"the '{META_KEY}' dict")
+    except ValueError as e:  # ExpansionError included
+        raise FeatureFileError(f"{path}: {META_KEY}: {e}") from None
+    return dict(meta)
+
+
+def _plain_size(value: Any, seen: dict[int, tuple[int, int]], depth: int) -> tuple[int, int]:
+    """(bytes once expanded, nesting height) of a plain value; shared parts count at each use."""
+    if value is None or isinstance(value, (bool, float, np.bool_, np.floating)):
+        return 8, 0
+    if isinstance(value, (int, np.integer)):
+        if int(value).bit_length() > 64:
+            raise ValueError(f"holds an integer of {int(value).bit_length()} bits")
+        return 8, 0
+    if isinstance(value, (str, bytes)):
+        return 8 + len(value), 0
+    if not isinstance(value, (list, tuple, Mapping)):
+        raise ValueError(f"holds a {type(value).__name__}; only plain builtins are allowed")
+    key = id(value)
+    if key not in seen:
+        if depth >= MAX_NESTING:
+            raise ExpansionError(f"nested more than {MAX_NESTING} deep")
+        parts = [*value.keys(), *value.values()] if isinstance(value, Mapping) else list(value)
+        sizes = [_plain_size(v, seen, depth + 1) for v in parts]
+        seen[key] = (8 + sum(s for s, _ in sizes), 1 + max((h for _, h in sizes), default=0))
+    if depth + seen[key][1] > MAX_NESTING:
+        raise ExpansionError(f"nested more than {MAX_NESTING} deep")
+    return seen[key]
 
 
 def _wanted_splits(obj: Mapping[Any, Any], splits: Iterable[str] | None, path: Path,

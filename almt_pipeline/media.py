@@ -1,8 +1,10 @@
 """Media decoding through ffmpeg: audio into memory, sampled video frames as a stream.
 
 ffmpeg runs as a subprocess with an argument list (never a shell); which binary, and what a file
-holds, come from :mod:`almt_pipeline.probe`. :class:`PrefetchedFrames` reads a frame stream ahead
-on a background thread so decoding overlaps with whatever consumes the frames.
+holds, come from :mod:`almt_pipeline.probe`; a binary that cannot run raises ``DependencyError``.
+The errors ffmpeg reports while it goes on past corrupt packets are counted (:class:`FfmpegLog`).
+:class:`PrefetchedFrames` reads a frame stream ahead on a background thread so decoding overlaps
+with whatever consumes the frames.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import logging
 import os
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -26,14 +29,57 @@ from typing import IO, cast
 import numpy as np
 
 from .errors import DependencyError, MediaError
-from .probe import INPUT_OPTIONS, MediaInfo, ffmpeg_exe, last_error_line, probe
+from .probe import INPUT_OPTIONS, MediaInfo, binary_failure, ffmpeg_exe, last_error_line, probe
 from .utils import one_line
 
 log = logging.getLogger(__name__)
 
 STDERR_KEEP_LINES = 40  # lines of ffmpeg's stderr kept to explain a failure
+ERROR_TEXT_CHARS = 160  # characters of the first error message kept for a warning
 FRAME_SIDE_MULTIPLE = 2  # output frame sides are kept even (what most codecs and filters expect)
-GLOBAL_ARGS = ["-nostdin", "-hide_banner", "-loglevel", "error"]
+# Errors only, each line tagged with its level ("level"), repeats not folded into "Last message
+# repeated N times" ("repeat"): what FfmpegLog needs to count them.
+GLOBAL_ARGS = ["-nostdin", "-hide_banner", "-loglevel", "repeat+level+error"]
+_LEVEL_TAG = re.compile(r"\[(?:panic|fatal|error|warning|info|verbose|debug|trace)\] ")
+# ffmpeg's line for one packet that failed to decode (6.1 and later; older releases)
+_DECODE_FAILURES = ("Error submitting packet to decoder", "Decoding error", "Error while decoding")
+
+
+class FfmpegLog:
+    """One ffmpeg run's stderr (with ``GLOBAL_ARGS``), fed line by line: the last lines, to explain
+    a failure, and ``decode_errors``: the packets ffmpeg says it could not decode or, when it names
+    none, its error messages (e.g. the demuxer's); ``first_error`` is the first of them."""
+
+    def __init__(self) -> None:
+        self.lines: deque[str] = deque(maxlen=STDERR_KEEP_LINES)
+        self.failed_packets = 0
+        self.error_lines = 0
+        self.first_error = ""
+
+    def add(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        tag = _LEVEL_TAG.search(line)
+        if tag:  # a message of ffmpeg's own (untagged ones come from elsewhere, e.g. the loader)
+            line = line[: tag.start()] + line[tag.end():]
+            self.error_lines += 1
+            self.failed_packets += any(s in line for s in _DECODE_FAILURES)
+            if not self.first_error:
+                self.first_error = re.sub(r"^(?:\[[^\]]*\]\s*)+", "", line)[:ERROR_TEXT_CHARS]
+        if line:
+            self.lines.append(line)
+
+    @property
+    def decode_errors(self) -> int:
+        return self.failed_packets or self.error_lines
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def check_binary(self, exe: str, returncode: int) -> None:
+        """Raise ``DependencyError`` when ffmpeg itself could not run (``probe.binary_failure``)."""
+        failure = binary_failure(exe, returncode, self.text())
+        if failure is not None:
+            raise failure
 
 
 # --------------------------------------------------------------------------- audio
@@ -46,13 +92,27 @@ AUDIO_MAX_FIRST_S = 4 * 3600.0  # a larger announced duration is not trusted for
 F32_BYTES = 4
 
 
+@dataclass
+class DecodedAudio:
+    """An audio stream decoded by :func:`decode_audio`."""
+
+    wave: np.ndarray  # (N,) float32 mono
+    decode_errors: int = 0  # errors ffmpeg reported while going on (corrupt packets)
+    first_error: str = ""
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int, *, info: MediaInfo | None = None) -> np.ndarray:
+    """The (N,) float32 mono waveform of :func:`decode_audio`."""
+    return decode_audio(path, sample_rate, info=info).wave
+
+
+def decode_audio(path: str | os.PathLike, sample_rate: int, *, info: MediaInfo | None = None) -> DecodedAudio:
     """Decode the first audio stream to mono float32 at ``sample_rate`` Hz, in memory.
 
-    Any channel count is downmixed and the rate converted by ffmpeg. Returns (N,) float32.
-    ffmpeg's output is read straight into one buffer sized from the probed duration, so the
-    waveform is held once. Raises ``MediaError`` when the file has no audio stream or cannot be
-    decoded.
+    Any channel count is downmixed and the rate converted by ffmpeg. ffmpeg's output is read
+    straight into one buffer sized from the probed duration, so the waveform is held once; corrupt
+    packets are skipped and counted. Raises ``MediaError`` when the file has no audio stream or
+    cannot be decoded, ``DependencyError`` when ffmpeg cannot run.
     """
     import ffmpeg  # ffmpeg-python: builds the argument list
 
@@ -71,8 +131,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int, *, info: MediaInfo | N
         )
     except OSError as e:
         raise DependencyError(f"cannot run {args[0]!r}: {one_line(e)}") from e
-    stderr: deque[str] = deque(maxlen=STDERR_KEEP_LINES)
-    stderr_thread = threading.Thread(target=_drain_lines, args=(proc.stderr, stderr), daemon=True)
+    stderr_log = FfmpegLog()
+    stderr_thread = threading.Thread(target=_drain_lines, args=(proc.stderr, stderr_log), daemon=True)
     stderr_thread.start()
     seconds = min(info.duration + AUDIO_SLACK_S, AUDIO_MAX_FIRST_S) if info.duration else AUDIO_UNKNOWN_S
     try:
@@ -81,13 +141,13 @@ def load_audio(path: str | os.PathLike, sample_rate: int, *, info: MediaInfo | N
     finally:
         _stop_process(proc, stderr_thread)  # on an error while reading: stop ffmpeg
     if returncode != 0:
-        reason = last_error_line("\n".join(stderr), path)
-        raise MediaError(f"{path}: audio decoding failed ({reason})")
+        stderr_log.check_binary(args[0], returncode)
+        raise MediaError(f"{path}: audio decoding failed ({last_error_line(stderr_log.text(), path)})")
     if wave.size == 0:
         raise MediaError(f"{path}: no audio could be decoded (empty or corrupt audio stream)")
     if not np.isfinite(wave).all():
         np.nan_to_num(wave, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return wave
+    return DecodedAudio(wave, stderr_log.decode_errors, stderr_log.first_error)
 
 
 def _read_f32le(pipe: io.BufferedIOBase, expected: int) -> np.ndarray:
@@ -122,9 +182,10 @@ def frame_size(display_size: tuple[int, int], max_side: int | None) -> tuple[int
 class FrameStream:
     """Iterator of ``(t_seconds, frame)`` with frame (H, W, 3) uint8 RGB, one frame in memory at a
     time. ``t = i / fps`` counts from the first frame. After iteration, ``n_frames`` and
-    ``decoded_duration`` (= n_frames / fps) tell how much was decoded; compare with
-    ``info.duration`` via ``check_decoded_duration``. ``close()`` (or leaving a ``with`` block, or
-    dropping the iterator) stops ffmpeg."""
+    ``decoded_duration`` (= n_frames / fps) tell how much was decoded (compare with
+    ``info.duration`` via ``decoded_duration_problem``) and ``log.decode_errors`` how many errors
+    ffmpeg reported on the way. ``close()`` (or leaving a ``with`` block, or dropping the iterator)
+    stops ffmpeg."""
 
     def __init__(self, path: Path, info: MediaInfo, fps: float, max_side: int | None) -> None:
         import ffmpeg
@@ -146,7 +207,8 @@ class FrameStream:
         )
         args = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24").compile(cmd=ffmpeg_exe())
         args[1:1] = GLOBAL_ARGS
-        self._stderr: deque[str] = deque(maxlen=STDERR_KEEP_LINES)
+        self._exe = args[0]
+        self.log = FfmpegLog()
         try:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -158,7 +220,7 @@ class FrameStream:
         # Drain stderr on a thread so a chatty ffmpeg never blocks on a full pipe. Neither the
         # thread nor the finalizer refers to self, so dropping the stream stops ffmpeg.
         self._stderr_thread = threading.Thread(
-            target=_drain_lines, args=(self._proc.stderr, self._stderr), daemon=True
+            target=_drain_lines, args=(self._proc.stderr, self.log), daemon=True
         )
         self._stderr_thread.start()
         self._finalizer = weakref.finalize(self, _stop_process, self._proc, self._stderr_thread)
@@ -194,7 +256,8 @@ class FrameStream:
         rc = self._proc.wait()
         self._finalizer()  # joins the stderr thread, closes the pipes
         if rc != 0 or (partial and self.n_frames == 0):
-            reason = last_error_line("\n".join(self._stderr), self.path)
+            self.log.check_binary(self._exe, rc)
+            reason = last_error_line(self.log.text(), self.path)
             if self.n_frames == 0:
                 raise MediaError(f"{self.path}: video decoding failed ({reason})")
             # Frames came out before the error: report, let the caller judge the duration.
@@ -216,9 +279,9 @@ class FrameStream:
         self.close()
 
 
-def _drain_lines(pipe: IO[bytes], keep: deque[str]) -> None:
+def _drain_lines(pipe: IO[bytes], stderr_log: FfmpegLog) -> None:
     for raw in iter(pipe.readline, b""):
-        keep.append(raw.decode("utf-8", "replace").rstrip())
+        stderr_log.add(raw)
 
 
 def _stop_process(proc: subprocess.Popen[bytes], stderr_thread: threading.Thread) -> None:
@@ -369,11 +432,3 @@ def decoded_duration_problem(expected: float | None, got: float) -> str | None:
         return f"decoded {got:.1f} s of {expected:.1f} s (file truncated?)"
     return None
 
-
-def check_decoded_duration(
-    path: str | os.PathLike, expected: float | None, got: float, what: str = "media"
-) -> None:
-    """Raise ``MediaError`` naming the file when ``decoded_duration_problem`` finds a short decode."""
-    problem = decoded_duration_problem(expected, got)
-    if problem:
-        raise MediaError(f"{path}: {what} {problem}")

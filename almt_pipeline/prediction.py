@@ -4,6 +4,13 @@ The checkpoint records how its training features were made (extractor settings a
 names); prediction rebuilds exactly those extractors, so a clip is featurised the way the
 training clips were. Models are loaded once per :class:`Predictor` and reused across clips.
 
+Text is never cut: a transcript longer than the model's ``text_len`` tokens is scored in
+consecutive windows of at most ``text_len`` tokens (cut between words, each window its own
+``[CLS] ... [SEP]``); each window is given the stretch of the audio and video frames that matches
+its share of the transcript's words (transcripts carry no word timings, so speech is taken to be
+evenly spread over the clip), and the clip's score is the mean of the window scores weighted by
+their token counts. A transcript that fits is one window: the clip is scored as a whole.
+
     from almt_pipeline import Predictor
     p = Predictor("runs/20260101-120000/checkpoint")
     print(p.predict("clip.mp4").score)
@@ -22,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -30,7 +38,7 @@ from .errors import AlmtError, CheckpointError
 from .extractors.asr import Transcriber
 from .extractors.clip import ClipExtractor, ClipFailure, TranscriberLike, run_guarded
 from .extractors.dataset import ClipSpec, list_plain_clips
-from .extractors.text import TextFeaturizer
+from .extractors.text import TextFeaturizer, TextWindow
 from .features import fit_length
 from .metrics import LABEL_RANGES, canonical_scale, sentiment_class
 from .model.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -46,6 +54,18 @@ MOSI_CLASSES = {
 }
 SIMS_CLASSES = ("negative", "weakly negative", "neutral", "weakly positive", "positive")
 POLARITY = ("negative", "neutral", "positive")
+WINDOW_BATCH = 32  # windows scored per model call
+SHOWN_WINDOWS = 6  # windows listed in the human-readable output
+
+
+@dataclass
+class Window:
+    """One scored stretch of a clip: seconds from the start, transcript tokens, score."""
+
+    start: float
+    end: float
+    tokens: int  # transcript tokens (without [CLS] and [SEP])
+    score: float
 
 
 @dataclass
@@ -61,6 +81,9 @@ class Prediction:
     transcript_source: str = ""  # sidecar | asr | given
     face_fraction: float = math.nan
     duration: float = math.nan
+    text_tokens: int | None = None  # transcript tokens (without [CLS] and [SEP])
+    text_len: int | None = None  # the model's text length: most tokens per window, [CLS]/[SEP] included
+    windows: list[Window] = field(default_factory=list)  # score = token-weighted mean of theirs
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     error: str | None = None
 
@@ -69,6 +92,8 @@ class Prediction:
         for k in ("score", "face_fraction", "duration"):
             if isinstance(d[k], float) and math.isnan(d[k]):
                 d[k] = None
+        d["windows"] = [{"start": round(w.start, 3), "end": round(w.end, 3), "tokens": w.tokens,
+                         "score": w.score} for w in self.windows]
         d["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
         return d
 
@@ -104,7 +129,9 @@ class Predictor:
         self.path = ckpt_dir
         self.cfg = _extraction_config(self.checkpoint, ckpt_dir)
         self.label_scale = self.checkpoint.label_scale
-        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir, transcriber=transcriber)
+        # token ids only: the checkpoint runs its own fine-tuned text model
+        self.text = TextFeaturizer(str(ckpt_dir), self.cfg.model.text_len, tokenizer=self.checkpoint.tokenizer)
+        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir, self.text, transcriber=transcriber)
         self.load_seconds = time.perf_counter() - t
         log.debug("loaded %s in %.2f s", ckpt_dir, self.load_seconds)
 
@@ -112,26 +139,23 @@ class Predictor:
                 transcript_source: str | None = None) -> Prediction:
         """Score one clip; raises :class:`AlmtError` for bad media (see :meth:`predict_many`).
 
-        Without ``transcript``: the clip's sidecar file, else speech recognition.
+        Without ``transcript``: the clip's sidecar file, else speech recognition. A transcript
+        longer than ``text_len`` tokens is scored in windows (see the module's description).
         """
         t0 = time.perf_counter()
         if transcript is not None and transcript_source is None:
             transcript_source = "given"
         result = self.extractor(clip, transcript=transcript, transcript_source=transcript_source)
-        m = self.cfg.model
-        audio, audio_len = fit_length(result.audio, m.audio_len)  # (T_a, d_a)
-        vision, vision_len = fit_length(result.vision, m.vision_len)  # (T_v, d_v)
         t = time.perf_counter()
-        dev = self.device
-        with torch.inference_mode():
-            score = self.checkpoint.model(
-                torch.from_numpy(result.text_bert[None]).to(dev),  # (1, 3, L)
-                torch.from_numpy(audio[None]).to(dev),  # (1, T_a, d_a)
-                torch.from_numpy(vision[None]).to(dev),  # (1, T_v, d_v)
-                audio_lengths=torch.tensor([audio_len], device=dev),
-                vision_lengths=torch.tensor([vision_len], device=dev),
-            )
-        value = float(score.reshape(-1)[0])
+        if result.text_truncated:
+            text_windows = self.text.windows(result.raw_text)
+        else:  # the whole transcript fits: the clip as a whole, as `almt extract` lays it out
+            n = int(result.text_bert[1].sum()) - 2  # attention mask minus [CLS] and [SEP]
+            text_windows = [TextWindow(result.text_bert, max(n, 0), 0.0, 1.0)]
+        scores = self._score_windows(text_windows, result.audio, result.vision)
+        windows = [Window(w.start * result.duration, w.end * result.duration, w.tokens, s)
+                   for w, s in zip(text_windows, scores, strict=True)]
+        value = weighted_score(windows)
         timings = dict(result.timings)
         timings["model"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
@@ -139,8 +163,30 @@ class Predictor:
             path=str(clip), score=value, polarity=polarity(value, self.label_scale),
             label_class=label_class(value, self.label_scale), label_scale=self.label_scale,
             transcript=result.raw_text, transcript_source=result.transcript_source,
-            face_fraction=result.face_fraction, duration=result.duration, timings=timings,
+            face_fraction=result.face_fraction, duration=result.duration,
+            text_tokens=sum(w.tokens for w in windows), text_len=self.cfg.model.text_len,
+            windows=windows, timings=timings,
         )
+
+    def _score_windows(self, windows: Sequence[TextWindow], audio: np.ndarray, vision: np.ndarray) -> list[float]:
+        """The model's score for each window with its stretch of the audio (T_a, d_a) and video
+        (T_v, d_v) frames, pooled or padded to the model's lengths."""
+        m, dev = self.cfg.model, self.device
+        scores: list[float] = []
+        for first in range(0, len(windows), WINDOW_BATCH):
+            batch = windows[first:first + WINDOW_BATCH]
+            a = [fit_length(frame_span(audio, w.start, w.end), m.audio_len) for w in batch]
+            v = [fit_length(frame_span(vision, w.start, w.end), m.vision_len) for w in batch]
+            with torch.inference_mode():
+                out = self.checkpoint.model(
+                    torch.from_numpy(np.stack([w.text_bert for w in batch])).to(dev),  # (B, 3, L)
+                    torch.from_numpy(np.stack([x for x, _ in a])).to(dev),  # (B, T_a, d_a)
+                    torch.from_numpy(np.stack([x for x, _ in v])).to(dev),  # (B, T_v, d_v)
+                    audio_lengths=torch.tensor([n for _, n in a], device=dev),
+                    vision_lengths=torch.tensor([n for _, n in v], device=dev),
+                )
+            scores += [float(x) for x in out.reshape(-1).cpu()]
+        return scores
 
     def predict_many(self, clips: Iterable[str | Path | ClipSpec], quiet: bool = True) -> list[Prediction]:
         """Score several clips; a bad clip gives a Prediction with ``error`` set, the rest go on.
@@ -159,6 +205,24 @@ class Predictor:
                 outcome = Prediction(path=str(path), error=outcome.message)
             out.append(outcome)
         return out
+
+
+def frame_span(frames: np.ndarray, start: float, end: float) -> np.ndarray:
+    """The frames (T, d) from fraction ``start`` to fraction ``end`` of the clip (at least one;
+    neighbouring spans share the frame at their boundary)."""
+    n = len(frames)
+    lo = min(math.floor(start * n), max(n - 1, 0))
+    hi = max(math.ceil(end * n), lo + 1)
+    return frames[lo:hi]
+
+
+def weighted_score(windows: Sequence[Window]) -> float:
+    """The clip's score: the window scores' mean weighted by their token counts (plain mean when
+    no window has a token)."""
+    total = sum(w.tokens for w in windows)
+    if total == 0:
+        return sum(w.score for w in windows) / len(windows)
+    return sum(w.score * w.tokens for w in windows) / total
 
 
 def predict(clips: str | Path | Sequence[str | Path], checkpoint: str | Path | None = None,
@@ -185,7 +249,8 @@ def list_inputs(path: str | Path) -> list[ClipSpec]:
 
 
 def format_prediction(r: Prediction) -> str:
-    """A few lines for people: score, polarity and class, transcript, face share, timings."""
+    """A few lines for people: score, polarity and class, transcript, text windows, face share,
+    timings."""
     bound = LABEL_RANGES[canonical_scale(r.label_scale)]
     scale = f"[{-bound:g}, {bound:g}]"
     t = r.timings
@@ -195,18 +260,32 @@ def format_prediction(r: Prediction) -> str:
         f"{r.path}",
         f"  sentiment   {r.score:+.3f} on {scale}: {r.polarity} ({r.label_class})",
         f"  transcript  \"{transcript}\" (from {r.transcript_source})",
+        f"  text        {_windows_text(r)}",
         f"  face found  in {100 * r.face_fraction:.0f}% of sampled frames; clip {r.duration:.1f} s",
         f"  time        {t.get('total', math.nan):.2f} s ({steps})",
     ])
 
 
+def _windows_text(r: Prediction) -> str:
+    """The windows line: ``240 tokens scored in 5 windows of <= 50 tokens (...): +0.12 0.0-14.8 s,
+    ...``, or ``23 tokens scored as a whole`` when the transcript fits."""
+    if len(r.windows) <= 1:
+        return f"{r.text_tokens} tokens scored as a whole"
+    shown = ", ".join(f"{w.score:+.2f} {w.start:.1f}-{w.end:.1f} s" for w in r.windows[:SHOWN_WINDOWS])
+    more = f", and {len(r.windows) - SHOWN_WINDOWS} more" if len(r.windows) > SHOWN_WINDOWS else ""
+    return (f"{r.text_tokens} tokens scored in {len(r.windows)} windows of <= {r.text_len} tokens "
+            f"(score: their token-weighted mean): {shown}{more}")
+
+
 def write_predictions(path: Path, results: list[Prediction]) -> None:
-    """Write results as JSON lines (.jsonl) or CSV (.csv), atomically."""
+    """Write results as JSON lines (.jsonl) or CSV (.csv), atomically. The CSV has one row per
+    clip: its ``windows`` column is the number of windows (the JSON lines list them)."""
     rows = [r.to_dict() for r in results]
     if path.suffix.lower() == ".csv":
-        fields = [k for k in rows[0] if k != "timings"] + ["seconds"] if rows else []
+        fields = [k for k in rows[0] if k not in ("windows", "timings")] + ["windows", "seconds"] if rows else []
         atomic_write_csv(path, fields, (
-            [*(row[k] if row[k] is not None else "" for k in fields[:-1]), row["timings"].get("total", "")]
+            [*(row[k] if row[k] is not None else "" for k in fields[:-2]),
+             len(row["windows"]) if row["error"] is None else "", row["timings"].get("total", "")]
             for row in rows
         ))
     else:
@@ -251,10 +330,9 @@ def start_loading_asr(ckpt_dir: Path) -> Future[TranscriberLike] | None:
     return cast("Future[TranscriberLike]", future)  # Future is invariant; a Transcriber is TranscriberLike
 
 
-def _make_extractor(cfg: Config, ckpt: LoadedCheckpoint, ckpt_dir: Path,
+def _make_extractor(cfg: Config, ckpt: LoadedCheckpoint, ckpt_dir: Path, text: TextFeaturizer,
                     transcriber: Future[TranscriberLike] | None = None) -> ClipExtractor:
     """A ClipExtractor whose features match the checkpoint's feature names exactly."""
-    text = TextFeaturizer(str(ckpt_dir), cfg.model.text_len, tokenizer=ckpt.tokenizer)  # ids only
     extractor = ClipExtractor(cfg, device="cpu", text_featurizer=text, transcriber=transcriber)
     expected = (ckpt.feature_meta or {}).get("feature_names") or {}
     produced = {

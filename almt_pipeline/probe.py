@@ -25,6 +25,11 @@ PROBE_TIMEOUT_S = 120.0  # a probe only reads headers; anything slower is a brok
 # Ask ffmpeg to read local files only: a "video" that is really a playlist must not fetch URLs.
 INPUT_OPTIONS = {"protocol_whitelist": "file"}
 NOT_MEDIA_FORMATS = {"tty"}  # ffmpeg's text "demuxer" accepts any text file
+# First box types of an ISO media file (MP4/MOV/M4A/3GP): such a file that will not open is incomplete.
+ISO_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"styp", b"sidx", b"moof", b"pnot"}
+SNIFF_BYTES = 4096  # bytes read to tell what a file that ffmpeg cannot open holds
+LOADER_ERROR = "error while loading shared libraries"  # the dynamic loader's message
+VERSION_TIMEOUT_S = 30.0
 
 
 # --------------------------------------------------------------------------- binaries
@@ -133,15 +138,48 @@ def probe(path: str | os.PathLike, *, need_audio: bool = False, need_video: bool
     return info
 
 
-def _run_probe(args: list[str], path: Path) -> subprocess.CompletedProcess[bytes]:
+def _run_probe(args: list[str], path: Path) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """The finished probe process and its stderr; ``DependencyError`` when the binary cannot run."""
     try:
-        return subprocess.run(
+        proc = subprocess.run(
             args, stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired as e:
         raise MediaError(f"{path}: probing timed out after {PROBE_TIMEOUT_S:.0f} s") from e
     except OSError as e:
         raise DependencyError(f"cannot run {args[0]!r}: {one_line(e)}") from e
+    stderr = proc.stderr.decode("utf-8", "replace")
+    failure = binary_failure(args[0], proc.returncode, stderr)
+    if failure is not None:
+        raise failure
+    if proc.returncode < 0:  # the binary works (it passed ``-version``): this file crashed it
+        raise MediaError(f"{path}: {Path(args[0]).name} crashed on this file (signal {-proc.returncode})")
+    return proc, stderr
+
+
+def binary_failure(exe: str, returncode: int, stderr: str) -> DependencyError | None:
+    """A ``DependencyError`` when ``exe`` itself could not run, not its input: the loader's "error
+    while loading shared libraries", the shell's exit status 126/127 (cannot execute / not found;
+    ffmpeg never uses them) or a signal that kills ``exe -version`` too. Else None."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    loader = next((ln for ln in lines if LOADER_ERROR in ln), None)
+    if loader or returncode in (126, 127):
+        why = f"{loader or (lines[-1] if lines else 'no message')} (exit status {returncode})"
+    elif returncode < 0 and not _runs(exe):
+        why = f"killed by signal {-returncode}, even for '-version'"
+    else:
+        return None
+    var = "ALMT_FFPROBE (or 'none')" if "ffprobe" in Path(exe).name else "ALMT_FFMPEG"
+    return DependencyError(f"{exe} cannot run: {why}; fix: reinstall it, or set {var} to a working binary")
+
+
+def _runs(exe: str) -> bool:
+    """Whether ``exe -version`` exits 0."""
+    try:
+        return subprocess.run([exe, "-version"], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=VERSION_TIMEOUT_S, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def last_error_line(stderr: str, path: Path) -> str:
@@ -150,7 +188,7 @@ def last_error_line(stderr: str, path: Path) -> str:
     lines = [ln for ln in lines if "output file must be specified" not in ln]
     if not lines:
         return "unknown ffmpeg error"
-    for needle, reason in (("moov atom not found", "moov atom not found: incomplete or truncated MP4?"),
+    for needle, reason in (("moov atom not found", "moov atom not found"),
                            ("Invalid data found", "invalid data found")):
         if any(needle in ln for ln in lines):
             return reason
@@ -158,11 +196,40 @@ def last_error_line(stderr: str, path: Path) -> str:
     for prefix in (f"{path}: ", f"{os.path.abspath(path)}: "):
         if line.startswith(prefix):
             line = line[len(prefix):]
-    return re.sub(r"^\[[^\]]*\]\s*", "", line)
+    return re.sub(r"^(?:\[[^\]]*\]\s*)?(?:Error opening input files?: )?", "", line)
 
 
-def _not_media(path: Path, why: str) -> MediaError:
+def _unreadable(path: Path, why: str) -> MediaError:
+    """The error for a file ffmpeg cannot use, worded from its first bytes (MP4 box, text...)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        return MediaError(f"{path}: cannot read ({one_line(e)})")
+    if head[4:8] in ISO_BOXES:
+        return MediaError(f"{path}: incomplete MP4/MOV file ({why}; truncated, or still being written?)")
+    text = _as_text(head)
+    if text is not None:
+        kind = "JSON" if text[0] in "{[" else "text"
+        return MediaError(f"{path}: not a media file (a {kind} file starting {text.splitlines()[0][:40]!r})")
+    if why in ("invalid data found", "moov atom not found"):  # the .mp4 name made ffmpeg try MP4
+        why = "no audio or video format recognised"
     return MediaError(f"{path}: not a media file or unreadable ({why})")
+
+
+def _as_text(head: bytes) -> str | None:
+    """``head`` stripped, when it reads as text (UTF-8 without control characters); else None."""
+    text = head.decode("utf-8", "ignore")
+    if len(text.encode("utf-8")) < len(head) - 3:  # more lost than a character cut at the end
+        return None
+    text = text.lstrip("\ufeff").strip()
+    if not text or any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+        return None
+    return text
+
+
+def _input_options() -> list[str]:
+    return [a for key, value in INPUT_OPTIONS.items() for a in (f"-{key}", value)]
 
 
 def _round2(x: float | None) -> float | None:
@@ -195,13 +262,10 @@ def _norm_rotation(deg: float) -> int:
 
 def _probe_ffprobe(path: Path, exe: str) -> MediaInfo:
     args = [exe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
-    for key, value in INPUT_OPTIONS.items():
-        args += [f"-{key}", value]
-    args.append(os.path.abspath(path))
-    proc = _run_probe(args, path)
-    stderr = proc.stderr.decode("utf-8", "replace")
+    args += [*_input_options(), os.path.abspath(path)]
+    proc, stderr = _run_probe(args, path)
     if proc.returncode != 0:
-        raise _not_media(path, last_error_line(stderr, path))
+        raise _unreadable(path, last_error_line(stderr, path))
     try:
         data = json.loads(proc.stdout.decode("utf-8", "replace") or "{}")
     except json.JSONDecodeError as e:
@@ -251,12 +315,16 @@ def _ffprobe_audio_fields(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish_info(path: Path, fields: dict[str, Any]) -> MediaInfo:
-    if fields["format_name"] in NOT_MEDIA_FORMATS:
-        raise _not_media(path, f"detected as {fields['format_name']!r}")
+    fmt = fields["format_name"]
+    if fmt in NOT_MEDIA_FORMATS:
+        raise _unreadable(path, f"detected as {fmt!r}")
+    if fmt == "image2" or fmt.endswith("_pipe"):  # ffmpeg's still-image demuxers
+        kind = fmt.removesuffix("_pipe").upper() if fmt != "image2" else "still"
+        raise MediaError(f"{path}: not a media file (a {kind} image, not a video)")
     fields["has_video"] = "video_stream" in fields
     fields["has_audio"] = "audio_stream" in fields
     if not (fields["has_video"] or fields["has_audio"]):
-        raise _not_media(path, "no audio or video stream")
+        raise _unreadable(path, "no audio or video stream")
     return MediaInfo(**fields)
 
 
@@ -297,15 +365,12 @@ def _codec_name(desc: str) -> str:
 def _probe_ffmpeg(path: Path, exe: str) -> MediaInfo:
     """Parse the header summary that ``ffmpeg -i FILE`` prints (no ffprobe needed)."""
     args = [exe, "-nostdin", "-hide_banner"]
-    for key, value in INPUT_OPTIONS.items():
-        args += [f"-{key}", value]
-    args += ["-i", os.path.abspath(path)]
-    proc = _run_probe(args, path)  # exits 1 ("no output file") even when the input is fine
-    stderr = proc.stderr.decode("utf-8", "replace")
+    args += [*_input_options(), "-i", os.path.abspath(path)]
+    _, stderr = _run_probe(args, path)  # exits 1 ("no output file") even when the input is fine
     lines = stderr.splitlines()
     header = _input_header(lines)
     if header is None:
-        raise _not_media(path, last_error_line(stderr, path))
+        raise _unreadable(path, last_error_line(stderr, path))
     start, format_name = header
     fields: dict[str, Any] = {"path": str(path), "format_name": format_name, "duration": None}
     current: str | None = None  # kind of the stream whose indented block we are in

@@ -15,12 +15,15 @@ states included), the per-epoch logs, the learning-curve picture and the summari
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +140,46 @@ def write_run_file(run_dir: Path, cfg: Config, data_path: Path, device: torch.de
     })
 
 
+@contextlib.contextmanager
+def removed_unless_an_epoch_finishes(run_dir: Path) -> Iterator[None]:
+    """On a failure inside the block, take away what it made of ``run_dir`` while no epoch has
+    finished: the directory (and the parents made for it) when it did not exist before, its
+    contents when it was an empty directory. A run with a finished epoch stays (it resumes)."""
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+    was_empty = run_dir.is_dir() and not any(run_dir.iterdir())
+    try:
+        yield
+    except BaseException:
+        if (missing or was_empty) and not has_finished_epoch(run_dir):
+            _remove_unfinished(run_dir, missing)
+        raise
+
+
+def has_finished_epoch(run_dir: Path) -> bool:
+    """True when ``run_dir`` (or one of its seeds) holds the resume state of a finished epoch."""
+    return (run_dir / STATE_FILE).is_file() or any(run_dir.glob(f"seed_*/{STATE_FILE.as_posix()}"))
+
+
+def _remove_unfinished(run_dir: Path, missing: list[Path]) -> None:
+    if not run_dir.is_dir() or (not missing and not any(run_dir.iterdir())):
+        return  # nothing was made
+    try:
+        for child in run_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    except OSError as e:  # the original failure is the one to report
+        logger.warning("%s: could not remove the unfinished run (%s)", run_dir, one_line(e))
+        return
+    for made in missing:  # the run directory, then the parents made for it, while empty
+        try:
+            made.rmdir()
+        except OSError:
+            break
+    logger.info("%s: removed the unfinished run (no epoch finished)", run_dir)
+
+
 def _dict_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
@@ -186,7 +229,10 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file next to ``path``, then rename (never a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch reports a failed write (a full disk, ...) this way
+            raise OSError(f"{path}: cannot write the resume state ({one_line(e)})") from e
 
 
 def load_state(path: Path) -> dict[str, Any]:

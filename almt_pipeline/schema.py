@@ -5,6 +5,9 @@ hold equal-length arrays (README, "The feature file"). Files written here add a 
 ``"meta"`` dict of plain builtins; MMSA's own loader only indexes ``data[split][key]`` and never
 sees it. :func:`validate_split` turns one split into normalised arrays (float32 features,
 int64 lengths, ``str`` ids and texts), collecting every problem found into :class:`Problems`.
+Lists in a split and the meta dict are sized against an :class:`ExpansionBudget` derived from
+the file's size before anything expands them (numpy, JSON): pickle's memo lets a small file
+describe a list of lists far larger than the file.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ OPTIONAL_NUMERIC = ("classification_labels", *UNIMODAL_LABEL_KEYS)
 logger = logging.getLogger(__name__)
 
 _CHUNK_ELEMENTS = 1 << 24  # finite checks in slices of ~16M values to bound temporary memory
+EXPANSION_PER_FILE_BYTE = 8  # bytes a list element / meta value may take once converted, per file byte
+EXPANSION_FLOOR = 1 << 20  # ... plus this much for any file
+MAX_NESTING = 32  # numpy's limit is 64 dimensions; feature arrays have at most 3
+_TEXT, _WIDE = 1, 2  # flags of a list: holds str/bytes (-> object array), holds complex (16 bytes)
 
 Arrays = dict[str, np.ndarray]
 
@@ -69,8 +76,76 @@ class Problems:
         )
 
 
-def as_array(value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else np.asarray(value)
+class ExpansionError(ValueError):
+    """A list or meta value that would expand past the file's :class:`ExpansionBudget`."""
+
+
+class ExpansionBudget:
+    """Bytes that the lists and the meta dict of one file may expand to, together.
+
+    A list element or meta value takes at least one byte of the pickle (an opcode) and at most 8
+    once converted (a pointer, an int64/float64; 16 for complex), so a real file stays within
+    ``EXPANSION_PER_FILE_BYTE * file size + EXPANSION_FLOOR``. Sublists shared through pickle's
+    memo are counted each time they appear, as numpy and JSON would expand them.
+    """
+
+    def __init__(self, file_size: int) -> None:
+        self.file_size = file_size
+        self.left = EXPANSION_PER_FILE_BYTE * file_size + EXPANSION_FLOOR
+
+    def take(self, nbytes: int, what: str) -> None:
+        if nbytes > self.left:
+            raise ExpansionError(
+                f"{what} would expand to {nbytes} bytes, more than a {self.file_size}-byte feature file "
+                f"can describe ({self.left} bytes left of {EXPANSION_PER_FILE_BYTE} per file byte + "
+                f"{EXPANSION_FLOOR}); refused before converting it"
+            )
+        self.left -= nbytes
+
+
+def _list_size(value: list | tuple, seen: dict[int, tuple[int, int, int]], depth: int = 0) -> tuple[int, int, int]:
+    """(elements + sublists, nesting height, flags) of a nested list; a shared sublist counts at
+    each use (numpy walks every occurrence, even of an empty list)."""
+    key = id(value)
+    if key in seen:
+        if depth + seen[key][1] > MAX_NESTING:
+            raise ValueError(f"lists nested more than {MAX_NESTING} deep")
+        return seen[key]
+    if depth >= MAX_NESTING:
+        raise ValueError(f"lists nested more than {MAX_NESTING} deep")
+    n = height = flags = 0
+    for item in value:
+        if isinstance(item, (list, tuple)):
+            k, h, f = _list_size(item, seen, depth + 1)
+            n, height, flags = n + k, max(height, h), flags | f
+        elif isinstance(item, (str, bytes)):
+            n, flags = n + 1, flags | _TEXT
+        elif isinstance(item, (complex, np.complexfloating)):
+            n, flags = n + 1, flags | _WIDE
+        elif item is None or isinstance(item, (int, float, np.number, np.bool_)):
+            n += 1
+        else:
+            raise ValueError(f"a list holding a {type(item).__name__}, not numbers or strings")
+    seen[key] = (n + 1, height + 1, flags)
+    return seen[key]
+
+
+def as_array(value: Any, budget: ExpansionBudget | None = None) -> np.ndarray:
+    """``value`` as an array. With a ``budget`` (a loaded file's), a list is sized against it
+    first and one holding strings becomes an object array (8 bytes per element, not numpy's
+    fixed-width ``<U`` of its longest string)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if budget is None:
+        return np.asarray(value)
+    if not isinstance(value, (list, tuple)):
+        size = 4 * len(value) if isinstance(value, str) else len(value) if isinstance(value, bytes) else 0
+        budget.take(8 + size, f"a {type(value).__name__}")
+        return np.asarray(value)
+    n, _, flags = _list_size(value, {})
+    what = f"a list of {n} elements and sublists (shared ones counted each time)"
+    budget.take(n * (16 if flags & _WIDE else 8), what)
+    return np.array(value, dtype=object) if flags & _TEXT else np.asarray(value)
 
 
 def _nonfinite_counts(x: np.ndarray) -> tuple[int, int, int]:
@@ -93,13 +168,26 @@ def _describe_nonfinite(nan: int, pos: int, neg: int) -> str:
 
 
 def to_str_array(arr: np.ndarray) -> np.ndarray:
-    """Object array of Python ``str`` (bytes decoded as UTF-8), as MMSA files store ids/texts."""
+    """Object array of Python ``str`` (bytes decoded as UTF-8), as MMSA files store ids/texts.
+    An object shared by many rows (pickle's memo) is converted once, not once per row."""
     out = np.empty(len(arr), dtype=object)
+    done: dict[int, str] = {}
+    shared = arr.dtype == object  # its items live as long as ``arr``: their ids are stable
     for i, v in enumerate(arr):
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", errors="replace")
-        out[i] = str(v)
+        if type(v) is not str:
+            key = id(v)
+            if not shared or key not in done:
+                done[key] = v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+            v = done[key]
+        out[i] = v
     return out
+
+
+def _numbers(arr: np.ndarray) -> np.ndarray:
+    """``arr``; TypeError for an object array holding strings (numbers as text are not numbers here)."""
+    if arr.dtype.kind == "O" and any(isinstance(v, (str, bytes)) for v in arr.flat):
+        raise TypeError("strings in an object array")
+    return arr
 
 
 def _to_float32(where: str, arr: np.ndarray, problems: Problems) -> np.ndarray | None:
@@ -107,7 +195,7 @@ def _to_float32(where: str, arr: np.ndarray, problems: Problems) -> np.ndarray |
         return arr.astype(np.float32, copy=False)
     if arr.dtype.kind == "O":
         try:
-            return arr.astype(np.float32)
+            return _numbers(arr).astype(np.float32)
         except (TypeError, ValueError):
             pass
     problems.add(where, f"expected numbers, found dtype {arr.dtype}")
@@ -124,10 +212,12 @@ def _keep_as_float32(name: str, key: str, arr: np.ndarray, out: Arrays, problems
 
 
 def validate_split(
-    name: str, raw: Any, problems: Problems, *, require_labels: bool, fix_nonfinite: bool
+    name: str, raw: Any, problems: Problems, *, require_labels: bool, fix_nonfinite: bool,
+    budget: ExpansionBudget | None = None,
 ) -> Arrays | None:
-    """Check one split's keys, lengths, shapes, dtypes and values; return normalised arrays."""
-    collected = _collect_arrays(name, raw, problems, require_labels)
+    """Check one split's keys, lengths, shapes, dtypes and values; return normalised arrays.
+    ``budget``: the loaded file's (lists are sized against it before numpy converts them)."""
+    collected = _collect_arrays(name, raw, problems, require_labels, budget)
     if collected is None:
         return None
     out, n = collected
@@ -139,7 +229,8 @@ def validate_split(
     return out
 
 
-def _collect_arrays(name: str, raw: Any, problems: Problems, require_labels: bool) -> tuple[Arrays, int] | None:
+def _collect_arrays(name: str, raw: Any, problems: Problems, require_labels: bool,
+                    budget: ExpansionBudget | None) -> tuple[Arrays, int] | None:
     """The split's arrays by key, and its sample count; rows must agree across keys."""
     if not isinstance(raw, Mapping):
         problems.add(name, f"split is a {type(raw).__name__}, expected a dict of arrays")
@@ -153,7 +244,9 @@ def _collect_arrays(name: str, raw: Any, problems: Problems, require_labels: boo
         if not isinstance(key, str):
             continue
         try:
-            out[key] = as_array(value)
+            out[key] = as_array(value, budget)
+        except ExpansionError as e:
+            raise FeatureFileError(f"{problems.path}: {name}/{key}: {e}") from None
         except Exception as e:  # noqa: BLE001 - ragged lists and the like
             problems.add(f"{name}/{key}", f"not an array ({type(e).__name__}: {one_line(e)})")
     n = len(out["id"]) if "id" in out and out["id"].ndim == 1 else None
@@ -248,7 +341,7 @@ def _check_lengths(name: str, out: Arrays, problems: Problems) -> None:
             continue
         if arr.dtype.kind not in "biuf":
             try:
-                arr = arr.astype(np.float64)
+                arr = _numbers(arr).astype(np.float64)
             except (TypeError, ValueError):
                 problems.add(where, f"expected integers, found dtype {arr.dtype}")
                 del out[key]

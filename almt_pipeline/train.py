@@ -109,13 +109,15 @@ def train(cfg: Config, data_path: str | os.PathLike, out_dir: str | os.PathLike,
     if seeds and len(set(seeds)) != len(seeds):
         raise ConfigError(f"train.seeds lists a seed twice: {seeds}")
     data = _load_training_data(cfg, Path(data_path))
-    if resuming:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        runs.write_run_file(run_dir, cfg, data.path, dev)
     settings = _Settings(device=dev, resume=resuming, quiet=quiet, show_test_selected=show_test_selected)
+    # nothing is written before the config and the data pass their checks; a failure before the
+    # first epoch finishes takes away the run directory this call made
     try:
-        with _deterministic(dev):
+        with runs.removed_unless_an_epoch_finishes(run_dir), _deterministic(dev):
+            if resuming:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            else:
+                runs.write_run_file(run_dir, cfg, data.path, dev)
             if not seeds:
                 return _train_seed(cfg, cfg.train.seed, run_dir, data, settings)
             summaries = {}
@@ -124,7 +126,11 @@ def train(cfg: Config, data_path: str | os.PathLike, out_dir: str | os.PathLike,
                                               desc=f"seed {seed} ")
             return _summarise_seeds(cfg, run_dir, summaries, data.scale)
     except KeyboardInterrupt:
-        logger.warning("interrupted: the last finished epoch is saved; continue with --resume --out %s", run_dir)
+        if runs.has_finished_epoch(run_dir):
+            logger.warning("interrupted: the last finished epoch is saved; continue with --resume --out %s",
+                           run_dir)
+        else:
+            logger.warning("interrupted before the first epoch finished: nothing was saved")
         raise
 
 

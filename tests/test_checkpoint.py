@@ -12,12 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from almt_pipeline.config import Config, ModelConfig
+from almt_pipeline.config import BUILTIN_CONFIGS, Config, ModelConfig, load_config
 from almt_pipeline.errors import CheckpointError
 from almt_pipeline.model import checkpoint as ckpt_mod
-from almt_pipeline.model.almt import ALMT
-from almt_pipeline.model.checkpoint import load_checkpoint, save_checkpoint
-from almt_pipeline.model.text_encoder import load_text_model
+from almt_pipeline.model.almt import ALMT, count_parameters
+from almt_pipeline.model.checkpoint import (
+    almt_parameter_count,
+    check_weights_size,
+    load_checkpoint,
+    save_checkpoint,
+)
+from almt_pipeline.model.text_encoder import bert_config_from_dict, bert_parameter_count, load_text_model
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT_DIM = 32
@@ -184,3 +189,36 @@ def test_missing_directory_and_foreign_config(tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"hidden_size": 32}))
     with pytest.raises(CheckpointError, match="not an almt-pipeline checkpoint"):
         load_checkpoint(tmp_path / "other")
+
+
+@pytest.mark.parametrize("name", BUILTIN_CONFIGS)
+def test_parameter_estimate_is_the_built_count(name):
+    """The size check's formulas give exactly what building gives, for every built-in config and
+    BERT shapes from bert-base to a tiny decoder with cross-attention (built on the meta device)."""
+    from transformers import BertConfig, BertModel
+
+    bert_configs = [
+        BertConfig(),  # bert-base
+        BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),  # MiniLM
+        BertConfig(hidden_size=TEXT_DIM, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                   vocab_size=999, max_position_embeddings=77, type_vocab_size=1, is_decoder=True,
+                   add_cross_attention=True),
+    ]
+    m = load_config(name).model
+    for bert_config in bert_configs:
+        with torch.device("meta"):
+            model = ALMT(m, BertModel(bert_config), bert_config.hidden_size)
+        outside, total = count_parameters(model)
+        assert almt_parameter_count(m, bert_config.hidden_size) == outside
+        assert bert_parameter_count(bert_config) == total - outside
+
+
+def test_parameter_estimate_of_a_saved_checkpoint_fits_its_weights(saved):
+    """The tiny checkpoint's estimate equals the float32 parameters its weights file holds."""
+    out, cfg, _ = saved
+    bert_config = bert_config_from_dict(json.loads((out / "text_model" / "config.json").read_text()))
+    expected = almt_parameter_count(cfg.model, TEXT_DIM) + bert_parameter_count(bert_config)
+    assert expected == count_parameters(load_checkpoint(out).model)[1]
+    check_weights_size(out / "model.safetensors", expected)
+    with pytest.raises(CheckpointError, match="holds at most"):
+        check_weights_size(out / "model.safetensors", 2 * expected)

@@ -3,6 +3,7 @@
 import pickle
 
 import pytest
+from synthetic import make_synthetic
 from typer.testing import CliRunner
 
 from almt_pipeline.cli import app
@@ -92,6 +93,8 @@ def test_bad_option_values():
     assert r.exit_code == 1 and r.output == "error: --split must be one of train, valid, test, got 'dev'\n"
     r = invoke("extract", "nowhere", "--unlabeled-split", "holdout")
     assert r.exit_code == 1 and r.output.startswith("error: --unlabeled-split must be one of")
+    r = invoke("evaluate", "--batch-size", "0", "--checkpoint", "nowhere")
+    assert r.exit_code == 1 and r.output == "error: batch size must be positive, got 0\n"
 
 
 def test_config_help_lists_the_real_built_ins():
@@ -115,3 +118,47 @@ def test_every_option_has_help():
         for param in sub.params:
             if isinstance(param, click.Option):
                 assert param.help, f"almt {name} {param.opts[0]} has no help text"
+
+
+@pytest.fixture(scope="module")
+def small_features(tmp_path_factory):
+    """A valid feature file for the `default` config (MiniLM widths), small enough to load at once."""
+    path = tmp_path_factory.mktemp("data") / "features.pkl"
+    make_synthetic(path, n=(4, 2, 2), text_len=50, audio=(20, 33), vision=(16, 160), text_dim=384)
+    return path
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("--lr", "-1", "train.lr"), ("--lr", "nan", "train.lr"), ("--lr", "inf", "train.lr"),
+    ("--epochs", "0", "train.epochs"), ("--batch-size", "0", "train.batch_size"),
+    ("--patience", "0", "train.patience"), ("--seeds", "1,a", "--seeds"),
+])
+def test_bad_train_options_are_one_line_and_make_no_run(option, value, named, small_features, tmp_path,
+                                                          monkeypatch):
+    """Checked before anything is written: one error line, exit 1, no runs/ directory."""
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(invoke("train", "--data", small_features, option, value))
+    assert named in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_failing_before_the_first_epoch_leaves_no_run(small_features, tmp_path, monkeypatch):
+    """The text model is loaded after the run directory is made: its failure takes the run away."""
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(invoke("train", "--data", small_features, "--text-model", tmp_path / "no_bert"))
+    assert "no_bert" in line
+    assert list(tmp_path.iterdir()) == []
+    line = one_line_error(invoke("train", "--data", tmp_path / "missing.pkl"))
+    assert "missing.pkl" in line and list(tmp_path.iterdir()) == []
+
+
+def test_os_errors_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    """A write failing deep inside a command (a full disk, say) ends in one line naming the file."""
+    from almt_pipeline import runs
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device\n(while writing)", str(tmp_path / "run" / "run.json"))
+
+    monkeypatch.setattr(runs, "check_run_dir", disk_full)
+    line = one_line_error(invoke("train", "--out", tmp_path / "run"))
+    assert "No space left on device (while writing)" in line and "run.json" in line

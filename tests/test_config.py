@@ -84,13 +84,19 @@ def test_defaults_are_the_embedded_default():
     ("train:\n  epochs: ten\n", "'train.epochs' must be an integer"),
     ("model:\n  masked: 1\n", "'model.masked' must be true or false"),
     ("train:\n  amp: fp8\n", "'train.amp' must be one of none, bf16, fp16"),
-    ("train:\n  epochs: 0\n", "'train.epochs' must be at least 1, got 0"),
+    ("train:\n  epochs: 0\n", r"'train.epochs' must be in \[1, 100000\], got 0"),
+    ("train:\n  epochs: 100001\n", r"'train.epochs' must be in \[1, 100000\], got 100001"),
     ("extract:\n  visual:\n    backend: openface\n", "'extract.visual.backend' must be one of"),
     ("model: [1, 2]\n", "'model' must be a mapping"),
     ("model:\n  text_len: [\n", "not valid YAML"),
-    ("model:\n  embed_heads: 0\n", "'model.embed_heads' must be at least 1, got 0"),
-    ("model:\n  fusion_depth: -1\n", "'model.fusion_depth' must be at least 1, got -1"),
-    ("model:\n  dim: 0\n", "'model.dim' must be at least 1, got 0"),
+    ("model:\n  embed_heads: 0\n", r"'model.embed_heads' must be in \[1, 256\], got 0"),
+    ("model:\n  fusion_depth: -1\n", r"'model.fusion_depth' must be in \[1, 64\], got -1"),
+    ("model:\n  fusion_depth: 1000000\n", r"'model.fusion_depth' must be in \[1, 64\], got 1000000"),
+    ("model:\n  dim: 0\n", r"'model.dim' must be in \[1, 65536\], got 0"),
+    ("model:\n  dim: 10000000\n", r"'model.dim' must be in \[1, 65536\], got 10000000"),
+    ("model:\n  text_len: 1000000000\n", r"'model.text_len' must be in \[1, 100000\], got 1000000000"),
+    ("model:\n  fusion_heads: 1000000\n", r"'model.fusion_heads' must be in \[1, 256\], got 1000000"),
+    (f"model:\n  dim: {10**400}\n", r"'model.dim' must be in \[1, 65536\], got 1000"),  # no float overflow
     ("model:\n  dropout: 1.5\n", r"'model.dropout' must be in \[0, 1\), got 1.5"),
     ("model:\n  dropout: .nan\n", r"'model.dropout' must be in \[0, 1\), got nan"),
     ("train:\n  lr: nan\n", "'train.lr' must be finite and greater than 0, got nan"),
@@ -98,13 +104,18 @@ def test_defaults_are_the_embedded_default():
     ("train:\n  lr: 0\n", "'train.lr' must be greater than 0, got 0.0"),
     ("train:\n  weight_decay: -1.0e-4\n", "'train.weight_decay' must be at least 0, got -0.0001"),
     ("train:\n  warmup_ratio: 1.0\n", r"'train.warmup_ratio' must be in \[0, 1\), got 1.0"),
-    ("train:\n  patience: 0\n", r"'train.patience' must be at least 1 \(or null\), got 0"),
+    ("train:\n  patience: 0\n", r"'train.patience' must be in \[1, 100000\] \(or null\), got 0"),
     ("train:\n  grad_clip: -1\n", r"'train.grad_clip' must be at least 0 \(or null\), got -1.0"),
-    ("train:\n  eval_batch_size: 0\n", "'train.eval_batch_size' must be at least 1, got 0"),
+    ("train:\n  eval_batch_size: 0\n", r"'train.eval_batch_size' must be in \[1, 4096\], got 0"),
+    ("train:\n  batch_size: 100000\n", r"'train.batch_size' must be in \[1, 4096\], got 100000"),
     ("train:\n  label_scale: imdb\n", "'train.label_scale' must be one of auto, mosi, mosei, sims, got 'imdb'"),
     ("extract:\n  min_duration: -1\n", "'extract.min_duration' must be at least 0, got -1.0"),
-    ("extract:\n  audio:\n    n_mfcc: 0\n", "'extract.audio.n_mfcc' must be at least 1, got 0"),
-    ("extract:\n  visual:\n    fps: .nan\n", "'extract.visual.fps' must be finite and greater than 0, got nan"),
+    ("extract:\n  audio:\n    n_mfcc: 0\n", r"'extract.audio.n_mfcc' must be in \[1, 128\], got 0"),
+    ("extract:\n  audio:\n    n_mfcc: 129\n", r"'extract.audio.n_mfcc' must be in \[1, 128\], got 129"),
+    ("extract:\n  audio:\n    sample_rate: 1000000000\n", r"'extract.audio.sample_rate' must be in \[1, 384000\]"),
+    ("extract:\n  visual:\n    fps: .nan\n", r"'extract.visual.fps' must be in \(0, 1000\], got nan"),
+    ("extract:\n  visual:\n    fps: 1.0e+6\n", r"'extract.visual.fps' must be in \(0, 1000\], got 1000000.0"),
+    ("extract:\n  visual:\n    max_side: 100000\n", r"'extract.visual.max_side' must be in \[1, 16384\]"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, text, message):
     p = tmp_path / "c.yaml"
@@ -115,11 +126,32 @@ def test_bad_values_are_one_line_errors(tmp_path, text, message):
 
 
 def test_every_model_size_is_validated():
-    sizes = [f.name for f in dataclasses.fields(ModelConfig) if f.type == "int"]
+    sizes = {f.name: f.metadata["bound"].high for f in dataclasses.fields(ModelConfig) if f.type == "int"}
     assert {"embed_heads", "fusion_depth", "dim", "ahl_dim_head"} <= set(sizes)
-    for name in sizes:
-        with pytest.raises(ConfigError, match=f"'model.{name}' must be at least 1, got 0"):
-            config_from_dict({"model": {name: 0}})
+    for name, most in sizes.items():
+        for bad in (0, most + 1):
+            with pytest.raises(ConfigError, match=rf"'model.{name}' must be in \[1, {most}\], got {bad}"):
+                config_from_dict({"model": {name: bad}})
+        assert getattr(config_from_dict({"model": {name: most}}).model, name) == most
+
+
+def _numeric_fields(cls: type, where: str = "") -> list[tuple[str, dataclasses.Field]]:
+    found = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            found += _numeric_fields(f.default_factory, f"{where}{f.name}.")  # type: ignore[arg-type]
+        elif f.type in ("int", "int | None", "float", "float | None"):
+            found.append((f"{where}{f.name}", f))
+    return found
+
+
+def test_every_integer_size_has_an_upper_bound():
+    fields = dict(_numeric_fields(Config))
+    assert {"model.dim", "train.batch_size", "train.epochs", "extract.audio.n_mfcc"} <= set(fields)
+    unbounded = [name for name, f in fields.items()
+                 if f.type.startswith("int") and name != "train.seed" and f.metadata["bound"].high is None]
+    assert unbounded == []
+    assert fields["extract.visual.fps"].metadata["bound"].high == 1000
 
 
 def test_bounds_admit_their_edges():

@@ -4,6 +4,7 @@ reference forward written directly over the source-named tensors (from the publi
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -277,8 +278,10 @@ def test_load_state_dict_file(tmp_path):
     save_file(sd, str(tmp_path / "w.safetensors"))
     assert set(load_state_dict_file(tmp_path / "w.safetensors")) == {"a", "b.c"}
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read weights"):
+    with pytest.raises(CheckpointError, match="bad.pt: a text file, not a weights file"):
         load_state_dict_file(tmp_path / "bad.pt")
+    os.replace(tmp_path / "w.safetensors", tmp_path / "renamed.bin")  # recognised by content
+    assert set(load_state_dict_file(tmp_path / "renamed.bin")) == {"a", "b.c"}
     with pytest.raises(CheckpointError, match="not found"):
         load_state_dict_file(tmp_path / "missing.pt")
     torch.save([1, 2], tmp_path / "list.pt")

@@ -131,3 +131,44 @@ def test_committed_mini_dataset(data_dir):
     assert [s.id for s in specs] == ["spk1$_$1", "spk1$_$2", "spk2$_$1", "spk2$_$2", "spk1$_$3", "spk2$_$3"]
     assert [s.split for s in specs] == ["train", "train", "valid", "valid", "test", "test"]
     assert all(s.problem is None and s.path.is_file() for s in specs)
+
+
+def test_ids_that_would_leave_raw_are_refused_row_by_row(tmp_path):
+    """A video_id / clip_id must name a folder / file directly under Raw/: each bad row becomes a
+    one-line problem (no file outside the dataset is looked at) and the other rows go on."""
+    outside = _touch(tmp_path / "secret.mp4")
+    (tmp_path / "secret.txt").write_text("private words", encoding="utf-8")
+    root = tmp_path / "ds"
+    rows = [
+        ("..", "secret", "has a '.' or '..' path part"),
+        ("v", "../../secret", "has a '.' or '..' path part"),
+        (str(tmp_path), "secret", "is an absolute path"),
+        ("v", str(outside.with_suffix("")), "is an absolute path"),
+        ("v", "sub/1", "contains a path separator"),
+        ("v", "sub\\1", "contains a path separator"),
+        ("v", "a\x00b", "contains a control character ('\\x00')"),
+        ("v\x1b", "1", "contains a control character ('\\x1b')"),
+    ]
+    csv_rows = "".join(f'"{v}","{c}",,1.0,,,,,test\n' for v, c, _ in rows) + "v,1,fine,1.0,,,,,train\n"
+    _dataset(root, csv_rows, ["v/1.mp4", "v/sub/1.mp4"])
+    specs = discover(root)
+    assert len(specs) == len(rows) + 1
+    for spec, (_, _, reason) in zip(specs, rows, strict=False):
+        assert spec.problem is not None and reason in spec.problem, spec.problem
+        assert "\n" not in spec.problem and "\x00" not in spec.problem
+        assert spec.text is None and spec.path == root / "label.csv"  # nothing outside was read
+    assert specs[-1].problem is None and specs[-1].text == "fine"
+
+
+def test_symlinks_inside_raw_are_followed(tmp_path):
+    """Only the names in label.csv are checked: Raw/ may link to clips stored elsewhere."""
+    store = tmp_path / "store"
+    clip = _touch(store / "take1.mp4")
+    root = _dataset(tmp_path / "ds", "v,1,t,1.0,,,,,train\nw,1,t,1.0,,,,,test\n", [])
+    (root / "Raw" / "v").mkdir(parents=True)
+    (root / "Raw" / "v" / "1.mp4").symlink_to(clip)
+    (root / "Raw" / "w").symlink_to(store, target_is_directory=True)
+    (store / "1.mp4").symlink_to(clip)
+    specs = discover(root)
+    assert [s.problem for s in specs] == [None, None]
+    assert all(s.path.resolve() == clip for s in specs)

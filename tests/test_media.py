@@ -206,8 +206,6 @@ def test_truncated_file_is_detected(clips, ffmpeg_bin):
     assert 0 < n < SECONDS * 10
     problem = media.decoded_duration_problem(info.duration, stream.decoded_duration)
     assert problem is not None and "truncated" in problem
-    with pytest.raises(MediaError, match="truncated"):
-        media.check_decoded_duration(clips["truncated"], info.duration, stream.decoded_duration, "video")
     audio = media.load_audio(clips["truncated"], 16000, info=info)
     assert media.decoded_duration_problem(info.duration, len(audio) / 16000) is not None
 

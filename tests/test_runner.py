@@ -1,17 +1,26 @@
 """Extraction runner: folder/dataset -> MMSA pickle, failures, cache, workers, interruption."""
 
 import csv
+import errno
+import fcntl
 import logging
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from almt_pipeline.config import config_from_dict
+from almt_pipeline import utils
+from almt_pipeline.cli import app
+from almt_pipeline.config import config_from_dict, replace_config
 from almt_pipeline.errors import ConfigError, ExtractionError
-from almt_pipeline.extractors.clip import ClipExtractor
+from almt_pipeline.extractors.clip import ClipExtractor, ClipResult
 from almt_pipeline.extractors.runner import extract
+from almt_pipeline.extractors.summary import ExtractSummary
 from almt_pipeline.features import fit_length, load_features, safe_load_pickle
 
 TEXT_LEN, AUDIO_LEN, VISION_LEN = 16, 64, 4
@@ -248,3 +257,277 @@ def test_clip_extractor_result(data_dir, cfg):
     assert {"probe", "audio_decode", "audio", "text", "video_decode", "face", "total"} <= set(r.timings)
     r2 = ex(data_dir / "with_sidecar.mp4")
     assert r2.transcript_source == "sidecar"
+
+
+# ---------------------------------------------------------------------------------------------
+# failing early, losing nothing
+
+
+@pytest.fixture
+def count_clips(monkeypatch):
+    """Counts the clips ClipExtractor is asked to extract (it still extracts them)."""
+    original = ClipExtractor.__call__
+    calls = []
+
+    def counted(self, path, *args, **kwargs):
+        calls.append(path)
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(ClipExtractor, "__call__", counted)
+    return calls
+
+
+def _out_is_a_folder(tmp_path):
+    (tmp_path / "out.pkl").mkdir()
+    return {"out_path": tmp_path / "out.pkl"}, tmp_path / "out.pkl"
+
+
+def _out_folder_cannot_be_made(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    return {"out_path": tmp_path / "a_file" / "sub" / "f.pkl"}, tmp_path / "a_file" / "sub" / "f.pkl"
+
+
+def _failures_file_is_a_folder(tmp_path):
+    (tmp_path / "f.failures.csv").mkdir()
+    return {"out_path": tmp_path / "f.pkl"}, tmp_path / "f.failures.csv"
+
+
+def _cache_is_a_file(tmp_path):
+    (tmp_path / "cache").write_text("x")
+    return {"out_path": tmp_path / "f.pkl", "cache_dir": tmp_path / "cache"}, tmp_path / "cache"
+
+
+@pytest.mark.parametrize("case", [_out_is_a_folder, _out_folder_cannot_be_made, _failures_file_is_a_folder,
+                                  _cache_is_a_file])
+def test_unwritable_output_location_fails_before_any_clip(case, data_dir, cfg, tmp_path, count_clips):
+    kwargs, named = case(tmp_path)
+    out_path = kwargs.pop("out_path")
+    with pytest.raises(OSError) as info:
+        extract(data_dir / "mini_dataset", out_path, cfg, quiet=True, **kwargs)
+    message = str(info.value)
+    assert message.startswith(str(named)) and ": " in message and "\n" not in message  # names the path
+    assert count_clips == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_output_folder_fails_before_any_clip(data_dir, cfg, tmp_path, count_clips):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=rf"^{folder / 'f.pkl'}: cannot write \(Permission denied\)"):
+            extract(data_dir / "mini_dataset", folder / "f.pkl", cfg, quiet=True, cache_dir=tmp_path / "c")
+    finally:
+        folder.chmod(0o755)
+    assert count_clips == []
+
+
+def test_cli_names_an_unwritable_output_in_one_line(data_dir, tmp_path):
+    (tmp_path / "out.pkl").mkdir()
+    config = tmp_path / "small.yaml"
+    config.write_text("model: {text_len: 16, audio_len: 64, vision_len: 4}\n"
+                      "extract: {visual: {fps: 2.0, max_side: 160}}\n")
+    r = CliRunner().invoke(app, ["extract", str(data_dir / "mini_dataset"), "-o", str(tmp_path / "out.pkl"),
+                                 "-c", str(config), "-q"])
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("error: ")]
+    assert lines == [f"error: {tmp_path / 'out.pkl'}: is a folder; a file name is needed here"], r.output
+    assert not list(tmp_path.rglob("*.npz"))  # nothing was extracted
+
+
+def _dataset_with_labels(src: Path, dst: Path, labels: dict[str, str]) -> Path:
+    """A copy of ``src`` (label.csv + Raw/) with the labels of some ``video_id$_$clip_id`` replaced."""
+    if not dst.exists():
+        shutil.copytree(src, dst)
+    with open(src / "label.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["label"] = labels.get(f"{row['video_id']}$_${row['clip_id']}", row["label"])
+    with open(dst / "label.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def labels_workdir(tmp_path_factory):
+    """One copy of the mini dataset and one cache for the label tests (labels are not in the
+    cache key, so only the first of them extracts clips)."""
+    return tmp_path_factory.mktemp("labels")
+
+
+SIMS_LIKE = {"spk1$_$1": "0.8", "spk1$_$2": "-0.8", "spk2$_$1": "0.6", "spk2$_$2": "-0.6", "spk1$_$3": "0.4",
+             "spk2$_$3": "-0.4"}
+
+
+@pytest.mark.parametrize("labels,scale,bad,message", [
+    ({"spk2$_$1": "5.0"}, "auto", "spk2$_$1", "label 5 is outside [-3, 3], the range of label scale mosi"),
+    ({**SIMS_LIKE, "spk1$_$3": "1.5"}, "sims", "spk1$_$3",
+     "label 1.5 is outside [-1, 1], the range of label scale sims"),
+])
+def test_labels_outside_the_label_scale_are_reported_at_extract(labels, scale, bad, message, data_dir, labels_workdir,
+                                                                caplog):
+    cfg = replace_config(_cfg(), train={"label_scale": scale})
+    dataset = _dataset_with_labels(data_dir / "mini_dataset", labels_workdir / "ds", labels)
+    out = labels_workdir / f"{scale}.pkl"
+    with caplog.at_level(logging.WARNING, logger="almt_pipeline"):
+        summary = extract(dataset, out, cfg, quiet=True, cache_dir=labels_workdir / "cache")
+    assert (summary.done, summary.failed) == (5, 1)
+    (row,) = _read_failures(out.with_name(f"{scale}.failures.csv"))
+    assert row["id"] == bad and row["error_type"] == "InvalidRow" and message in row["message"]
+    assert [r.getMessage() for r in caplog.records if message in r.getMessage()]  # one warning line
+    ff = load_features(out, model_cfg=cfg)  # train would have refused the whole file before
+    assert bad not in {i for d in ff.splits.values() for i in d["id"]}
+    assert ff.label_scale == ("mosi" if scale == "auto" else scale)
+
+
+def _old(path: Path) -> Path:
+    path.write_bytes(b"partial")
+    past = time.time() - 3600
+    os.utime(path, (past, past))
+    return path
+
+
+def test_remove_stale_temp_files_keeps_what_a_writer_may_still_hold(tmp_path):
+    stale = _old(tmp_path / ".f.pkl.k2j4h5g6.tmp")
+    other = _old(tmp_path / ".g.csv.a1b2c3d4.tmp")
+    of_longer_name = _old(tmp_path / ".f.pkl.old.a1b2c3d4.tmp")  # the temp file of f.pkl.old, not f.pkl
+    fresh = tmp_path / ".f.pkl.z9y8x7w6.tmp"
+    fresh.write_bytes(b"being written")
+    locked = _old(tmp_path / ".f.pkl.q1w2e3r4.tmp")
+    real = _old(tmp_path / "f.pkl")
+    with open(locked, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live writer holds it
+        assert utils.remove_stale_temp_files(tmp_path, "f.pkl") == 1
+        assert not stale.exists() and other.exists() and of_longer_name.exists()
+        assert utils.remove_stale_temp_files(tmp_path) == 2  # every name: other, of_longer_name
+    assert fresh.exists() and locked.exists() and real.exists()
+    assert not other.exists() and not of_longer_name.exists()
+    assert utils.remove_stale_temp_files(tmp_path / "missing") == 0
+
+
+def test_atomic_write_holds_its_temp_file_until_renamed(tmp_path):
+    target = tmp_path / "f.txt"
+    with utils.atomic_write(target, "w") as f:
+        f.write("complete")
+        (tmp,) = tmp_path.glob(".f.txt.*.tmp")
+        past = time.time() - 3600
+        os.utime(tmp, (past, past))  # even an old-looking temp file is kept while it is held
+        assert utils.remove_stale_temp_files(tmp_path, "f.txt") == 0
+    assert target.read_text() == "complete"
+
+
+def test_extract_removes_temp_files_of_interrupted_writes(mini_run, data_dir, cfg):
+    out, _ = mini_run
+    (cache_dir,) = (out.parent / ".almt_cache").iterdir()
+    entry = next(cache_dir.glob("*.npz"))
+    stale = [_old(out.parent / f".{out.name}.a1b2c3d4.tmp"),
+             _old(out.parent / f".{out.stem}.failures.csv.e5f6g7h8.tmp"),
+             _old(cache_dir / f".{entry.name}.i9j0k1l2.tmp")]
+    summary = extract(data_dir / "mini_dataset", out, cfg, quiet=True)
+    assert summary.cached == 6
+    assert [p for p in stale if p.exists()] == []
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_atomic_write_names_the_file_when_the_disk_is_full(where, tmp_path, monkeypatch):
+    # A full disk cannot be arranged here (no tmpfs to mount): the OSError it gives is raised by
+    # the write itself or, with delayed allocation, by the fsync that makes the data durable.
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    target = tmp_path / "sub" / "f.pkl"
+    target.parent.mkdir()
+    target.write_text("old")
+    if where == "fsync":
+        def fsync(fd):
+            raise full
+
+        monkeypatch.setattr(utils.os, "fsync", fsync)
+    with pytest.raises(OSError) as info, utils.atomic_write(target, "w") as f:
+        f.write("new")
+        if where == "write":
+            raise full
+    assert str(info.value) == f"{target}: cannot write (No space left on device)"
+    assert info.value.errno == errno.ENOSPC and info.value.__cause__ is full
+    assert target.read_text() == "old" and os.listdir(target.parent) == ["f.pkl"]
+
+
+def test_atomic_write_names_the_file_when_its_folder_cannot_be_made(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    target = tmp_path / "a_file" / "f.csv"
+    with pytest.raises(NotADirectoryError) as info:
+        utils.atomic_write_csv(target, ["a"], [[1]])
+    assert str(info.value) == f"{target}: cannot write ({tmp_path / 'a_file'} is not a folder)"
+
+
+def test_summary_names_the_clips_without_any_face(mini_run):
+    out, summary = mini_run
+    meta = _raw(out)["meta"]
+    no_face = [i for split, ids in MINI_IDS.items() for i, frac in zip(ids, meta["face_fraction"][split])
+               if frac == 0.0]
+    assert no_face and sorted(summary.no_face_ids) == sorted(no_face)
+    assert f"({len(no_face)} clips without any face: {', '.join(summary.no_face_ids)})" in summary.to_text()
+
+    many = ExtractSummary(out_path=None, failures_path=Path("f.csv"), no_face_clips=7,
+                          no_face_ids=[f"v$_${k}" for k in range(7)])
+    assert "(7 clips without any face: v$_$0, v$_$1, v$_$2, v$_$3, v$_$4 and 2 more)" in many.to_text()
+    none = ExtractSummary(out_path=None, failures_path=Path("f.csv"))
+    assert "(0 clips without any face)" in none.to_text()
+
+
+def test_summary_names_truncated_padded_and_damaged_clips():
+    def result(**kw):
+        base = dict(text_bert=np.zeros((3, 4), np.float32), text=np.zeros((4, 2), np.float32),
+                    audio=np.zeros((5, 3), np.float32), vision=np.zeros((5, 2), np.float32), raw_text="t",
+                    transcript_source="sidecar", face_fraction=1.0, duration=1.0)
+        return ClipResult(**{**base, **kw})
+
+    summary = ExtractSummary(out_path=None, failures_path=Path("f.csv"), text_len=4)
+    summary.count([("a$_$1", result(text_truncated=True)), ("a$_$2", result(decode_errors=3)),
+                   ("a$_$3", result(audio_padded=2.8)), ("a$_$4", result())], audio_len=8, vision_len=8)
+    text = summary.to_text()
+    assert "transcripts: 0 by speech recognition, 1 truncated to model.text_len (4) tokens: a$_$1" in text
+    assert "kept despite decode errors: 1: a$_$2" in text
+    assert "short audio padded with silence: 1: a$_$3" in text
+    quiet = ExtractSummary(out_path=None, failures_path=Path("f.csv"), text_len=4)
+    quiet.count([("a$_$4", result())], audio_len=8, vision_len=8)
+    assert "1 truncated" not in quiet.to_text() and "decode errors" not in quiet.to_text()
+
+
+def test_feature_file_meta_records_decode_errors_and_padding(mini_run):
+    out, _ = mini_run
+    meta = _raw(out)["meta"]
+    for split, ids in MINI_IDS.items():
+        assert meta["decode_errors"][split] == [0] * len(ids)
+        assert meta["audio_padded"][split] == [0.0] * len(ids)
+
+
+def test_sigterm_stops_extract_like_ctrl_c(data_dir, cfg, tmp_path, monkeypatch, caplog):
+    received = []
+
+    def ours(signum, frame):  # stands in for whatever handler the caller had; also keeps a run
+        received.append(signum)  # without the fix from killing the test session
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    original = ClipExtractor.__call__
+    calls = {"n": 0}
+
+    def terminated_after_two(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClipExtractor, "__call__", terminated_after_two)
+    try:
+        with caplog.at_level(logging.WARNING, logger="almt_pipeline"), \
+                pytest.raises(KeyboardInterrupt, match="received SIGTERM"):
+            extract(data_dir / "mini_dataset", tmp_path / "f.pkl", cfg, quiet=True)
+        assert signal.getsignal(signal.SIGTERM) is ours  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == []
+    warnings = [r.getMessage() for r in caplog.records if "run the same command again to resume" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("received SIGTERM: 2 of 6 clips are finished")
+    assert not (tmp_path / "f.pkl").exists()
+    assert len(list((tmp_path / ".almt_cache").rglob("*.npz"))) == 2

@@ -340,3 +340,65 @@ def test_a_non_finite_first_epoch_still_gives_a_checkpoint(tiny, tmp_path, monke
     history = _history(tmp_path / "run")
     assert history[0]["improved"] and history[1]["improved"]
     assert summary["selected_epoch"] >= 2 and (tmp_path / "run/checkpoint/model.safetensors").is_file()
+
+
+def test_a_failure_before_the_first_epoch_removes_the_run_it_made(tiny, tmp_path, monkeypatch):
+    """Nothing half-made is left: not the run directory, nor the parents made for it; an --out
+    folder that existed (empty) stays, emptied."""
+    from almt_pipeline.errors import TextModelError
+
+    text_model, data = tiny
+    out = tmp_path / "runs" / "stamp"
+    with pytest.raises(TextModelError):
+        train(tiny_config(tmp_path / "no_such_bert"), data, out, device="cpu", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+    raw = make_synthetic(None, n=(8, 4, 4), text_len=TEXT_LEN, audio=AUDIO, vision=VISION, text_dim=TEXT_DIM)
+    raw["train"]["audio"][:] = 3e38  # non-finite loss in epoch 1, batch 1
+    huge = tmp_path / "huge.pkl"
+    save_features(huge, {s: raw[s] for s in SPLITS}, raw["meta"])
+    given = tmp_path / "given"
+    given.mkdir()
+    for run_dir in (out, given):
+        with pytest.raises(TrainingError, match="epoch 1, batch 1"):
+            train(tiny_config(text_model), huge, run_dir, device="cpu", quiet=True)
+    assert not (tmp_path / "runs").exists()
+    assert given.is_dir() and list(given.iterdir()) == []
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_state", interrupted)  # Ctrl-C while epoch 1 is saved
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(text_model), data, out, device="cpu", quiet=True)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failure_after_a_finished_epoch_keeps_the_run(tiny, tmp_path, monkeypatch):
+    text_model, data = tiny
+    real_save = runs.save_state
+
+    def full_disk_at_epoch_2(path, state):
+        if state["epoch"] == 2:
+            raise OSError(f"{path}: cannot write (No space left on device)")
+        real_save(path, state)
+
+    monkeypatch.setattr(runs, "save_state", full_disk_at_epoch_2)
+    with pytest.raises(OSError, match="state.pt: cannot write"):
+        train(tiny_config(text_model, epochs=3), data, tmp_path / "run", device="cpu", quiet=True)
+    assert len(_history(tmp_path / "run")) >= 1 and (tmp_path / "run" / runs.STATE_FILE).is_file()
+    assert runs.has_finished_epoch(tmp_path / "run")
+
+
+def test_resume_state_write_failure_names_the_file(tmp_path, monkeypatch):
+    """torch reports a failed write as a RuntimeError: it becomes an OSError naming the file."""
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed\nwriting")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    path = tmp_path / "last" / "state.pt"
+    with pytest.raises(OSError, match=r"state\.pt: cannot write the resume state .*PytorchStreamWriter") as e:
+        runs.save_state(path, {"version": 1})
+    assert "\n" not in str(e.value)
+    assert list(path.parent.iterdir()) == []  # no partial file

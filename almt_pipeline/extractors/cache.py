@@ -23,7 +23,7 @@ from .dataset import ClipSpec
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cached arrays change meaning
+CACHE_FORMAT = 2  # bump when the cached arrays change meaning (2: decode_errors, audio_padded)
 DEFAULT_CACHE_DIR = ".almt_cache"
 
 
@@ -74,6 +74,7 @@ def write_entry(path: Path, r: ClipResult) -> None:
             raw_text=np.array(r.raw_text), transcript_source=np.array(r.transcript_source),
             face_fraction=np.float64(r.face_fraction), duration=np.float64(r.duration),
             text_truncated=np.bool_(r.text_truncated), timings=np.array(json.dumps(r.timings)),
+            decode_errors=np.int64(r.decode_errors), audio_padded=np.float64(r.audio_padded),
         )
 
 
@@ -86,4 +87,5 @@ def read_entry(path: str | os.PathLike) -> ClipResult:
             face_fraction=float(z["face_fraction"]), duration=float(z["duration"]),
             text_truncated=bool(z["text_truncated"]),
             timings=json.loads(str(z["timings"].item())),
+            decode_errors=int(z["decode_errors"]), audio_padded=float(z["audio_padded"]),
         )

@@ -4,6 +4,10 @@
 run. :func:`run_guarded` is the one rule for a clip that fails: a typed error becomes a
 :class:`ClipFailure` (one line naming the file and the cause) and the batch goes on; a missing
 dependency stops the batch.
+
+The container's duration (or the video's, when it gives none) is the clip's length: a video that
+decodes far shorter is a truncated file and fails; an audio track that ends early is padded with
+silence. Both, and decode errors ffmpeg went on past, are kept with one warning each.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from ..config import Config
 from ..errors import AlmtError, ConfigError, DependencyError, MediaError
-from ..media import PrefetchedFrames, check_decoded_duration, iter_frames, load_audio
+from ..media import DecodedAudio, PrefetchedFrames, decode_audio, decoded_duration_problem, iter_frames, load_audio
 from ..probe import MediaInfo, probe
 from ..utils import one_line, resolve_device
 from .asr import ASR_SAMPLE_RATE, Transcriber, read_sidecar_transcript
@@ -75,6 +79,35 @@ class ClipResult:
     duration: float  # seconds of media
     text_truncated: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    decode_errors: int = 0  # errors ffmpeg reported and went on past (corrupt packets), audio + video
+    audio_padded: float = 0.0  # seconds of silence added where the audio track ends before the clip
+
+
+@dataclass
+class _Audio:
+    """A clip's decoded audio and the features of it, padded with silence to ``n_samples``."""
+
+    decoded: DecodedAudio
+    sample_rate: int
+    features: np.ndarray | None = None  # (T_a, d_a)
+    n_samples: int = 0  # length of the waveform the features were computed over
+
+    @property
+    def seconds(self) -> float:
+        return len(self.decoded.wave) / self.sample_rate
+
+    @property
+    def padded_seconds(self) -> float:
+        return (self.n_samples - len(self.decoded.wave)) / self.sample_rate
+
+    def padded_wave(self, reference: float | None) -> np.ndarray:
+        """The waveform (N,) padded with silence to what the features cover so far, or to
+        ``reference`` seconds when that is still far longer: (M,), M >= N."""
+        wave = self.decoded.wave  # (N,)
+        n = max(self.n_samples, len(wave))
+        if reference and decoded_duration_problem(reference, n / self.sample_rate) is not None:
+            n = round(reference * self.sample_rate)
+        return np.pad(wave, (0, n - len(wave))) if n > len(wave) else wave
 
 
 @dataclass
@@ -181,10 +214,10 @@ class ClipExtractor:
         # Video decoding starts now, in ffmpeg and a reader thread, so that it overlaps with the
         # audio and text work; a bounded queue keeps memory flat.
         vis = ex.visual
-        frames = PrefetchedFrames(iter_frames(path, vis.fps, vis.max_side, info=info),
-                                  depth=max(PREFETCH_MIN_FRAMES, int(PREFETCH_SECONDS * vis.fps)))
+        stream = iter_frames(path, vis.fps, vis.max_side, info=info)
+        frames = PrefetchedFrames(stream, depth=max(PREFETCH_MIN_FRAMES, int(PREFETCH_SECONDS * vis.fps)))
         try:
-            audio, duration, transcript, transcript_source = self._audio_and_transcript(
+            audio, transcript, transcript_source = self._audio_and_transcript(
                 path, info, transcript, transcript_source, timings)
             t = time.perf_counter()
             with _one_core_for_ffmpeg(self.device):
@@ -199,36 +232,64 @@ class ClipExtractor:
             frames.close()
         if frames.count == 0:
             raise MediaError(f"{path}: no video frame could be decoded")
-        check_decoded_duration(path, info.duration, frames.count / vis.fps, "video")
+        duration = self._check_lengths(path, info, audio, frames.count / vis.fps, timings)
+        errors = audio.decoded.decode_errors + stream.log.decode_errors
+        if errors:
+            first = audio.decoded.first_error or stream.log.first_error
+            logger.warning("%s: %d decode error(s) in corrupt data (first: %s); the clip is kept with "
+                           "what decoded", path, errors, first)
         face_found = np.asarray(vf.face_found, dtype=bool)  # (T_v,)
         timings["total"] = time.perf_counter() - t_start
         return ClipResult(
             text_bert=np.asarray(tf.text_bert, dtype=np.float32),
             text=np.asarray(tf.hidden, dtype=np.float32),
-            audio=audio, vision=np.asarray(vf.features, dtype=np.float32), raw_text=transcript,
-            transcript_source=transcript_source or "label.csv",
+            audio=np.asarray(audio.features, dtype=np.float32), vision=np.asarray(vf.features, dtype=np.float32),
+            raw_text=transcript, transcript_source=transcript_source or "label.csv",
             face_fraction=float(face_found.mean()) if face_found.size else 0.0,
             duration=duration, text_truncated=bool(tf.truncated), timings=timings,
+            decode_errors=errors, audio_padded=round(audio.padded_seconds, 3),
         )
+
+    def _check_lengths(self, path: Path, info: MediaInfo, audio: _Audio, video_s: float,
+                       timings: dict[str, float]) -> float:
+        """The clip's duration once the decoded lengths are checked against the container's: a
+        video far shorter fails (a truncated file); audio far shorter than the clip is padded."""
+        expected, audio_s = info.duration, audio.seconds
+        if decoded_duration_problem(expected, video_s) is not None:
+            if decoded_duration_problem(expected, audio_s) is not None:
+                raise MediaError(f"{path}: decoded {video_s:.1f} s of video and {audio_s:.1f} s of audio "
+                                 f"of {expected:.1f} s (file truncated?)")
+            raise MediaError(f"{path}: video decoded {video_s:.1f} s of {expected:.1f} s while the audio "
+                             f"goes on to {audio_s:.1f} s (video track cut short or damaged)")
+        reference = max(expected or 0.0, video_s)  # the container's length, or the video's
+        if audio.n_samples != len(wave := audio.padded_wave(reference)):
+            self._featurize(audio, wave, timings)  # the container gave no duration: pad to the video's
+        duration = expected or max(video_s, audio_s)
+        if duration < self.cfg.extract.min_duration:
+            raise MediaError(_too_short(path, duration, self.cfg.extract.min_duration))
+        if audio.padded_seconds > 0:
+            logger.warning("%s: the audio track ends at %.1f s of %.1f s; padded %.1f s of silence",
+                           path, audio_s, audio.n_samples / audio.sample_rate, audio.padded_seconds)
+        return duration
+
+    def _featurize(self, audio: _Audio, wave: np.ndarray, timings: dict[str, float]) -> None:
+        """Audio features (T_a, d_a) of ``wave`` (the decoded audio, maybe padded) into ``audio``."""
+        t = time.perf_counter()
+        audio.features = np.asarray(self.audio_featurizer(wave), dtype=np.float32)  # (T_a, d_a)
+        audio.n_samples = len(wave)
+        timings["audio"] = timings.get("audio", 0.0) + time.perf_counter() - t
 
     def _audio_and_transcript(self, path: Path, info: MediaInfo, transcript: str | None,
                               source: str | None, timings: dict[str, float]
-                              ) -> tuple[np.ndarray, float, str, str | None]:
-        """Audio features (T_a, d_a), the clip's duration, and its transcript with its source."""
-        ex = self.cfg.extract
+                              ) -> tuple[_Audio, str, str | None]:
+        """The decoded audio with its features (padded to the container's duration when the audio
+        track ends far earlier), and the transcript with its source."""
         t = time.perf_counter()
         sr = int(self.audio_featurizer.sample_rate)
-        wave = load_audio(path, sr, info=info)  # (N,) float32 mono
+        audio = _Audio(decode_audio(path, sr, info=info), sr)
+        wave = audio.decoded.wave  # (N,) float32 mono
         timings["audio_decode"] = time.perf_counter() - t
-        decoded = len(wave) / sr
-        check_decoded_duration(path, info.duration, decoded, "audio")
-        duration = float(info.duration) if info.duration else decoded
-        if duration < ex.min_duration:
-            raise MediaError(_too_short(path, duration, ex.min_duration))
-
-        t = time.perf_counter()
-        audio = np.asarray(self.audio_featurizer(wave), dtype=np.float32)  # (T_a, d_a)
-        timings["audio"] = time.perf_counter() - t
+        self._featurize(audio, audio.padded_wave(info.duration), timings)
 
         if transcript is None:
             transcript = read_sidecar_transcript(path)
@@ -239,7 +300,7 @@ class ClipExtractor:
             transcript = self.transcriber.transcribe(wave16).strip()
             source = "asr"
             timings["asr"] = time.perf_counter() - t
-        return audio, duration, transcript, source
+        return audio, transcript, source
 
 
 @contextmanager

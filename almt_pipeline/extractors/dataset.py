@@ -8,7 +8,8 @@ Two layouts are understood:
   transcripts (``<clip>.txt`` / ``<clip>.srt``) and no labels.
 
 Problems with single rows (a bad ``mode``, a non-numeric label, a missing clip file, a duplicate
-id) do not stop discovery: the row is returned with ``problem`` set, so the batch can report it
+id, a ``video_id``/``clip_id`` that is not a plain name and so could point outside ``Raw/``) do
+not stop discovery: the row is returned with ``problem`` set, so the batch can report it
 and go on. Problems with the whole input (no such path, a ``label.csv`` without a required
 column) raise :class:`~almt_pipeline.errors.ExtractionError`.
 """
@@ -19,6 +20,8 @@ import csv
 import logging
 import math
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,8 @@ UNIMODAL_COLUMNS = ("label_T", "label_A", "label_V")
 MODE_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "dev": "valid",
                 "validation": "valid", "test": "test"}
 SKIP_DIRS = (".almt_cache",)
+_SEPARATORS = ("/", "\\")  # both, whatever the platform: label.csv files travel between systems
+_DRIVE = re.compile(r"^[A-Za-z]:")  # a drive letter (C:x) on Windows
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,11 @@ def _row_to_spec(row: dict, line_no: int, csv_path: Path, raw_dir: Path, unimoda
     where = f"{csv_path.name} line {line_no}"
     problems: list[str] = []
 
+    unsafe = [p for p in (_unsafe_name("video_id", video_id), _unsafe_name("clip_id", clip_id)) if p]
     if not video_id or not clip_id:
         problems.append("empty video_id or clip_id")
+    elif unsafe:
+        problems += unsafe
     elif spec_id in seen:
         problems.append(f"duplicate id {spec_id!r}")
     seen.add(spec_id)
@@ -153,8 +161,10 @@ def _row_to_spec(row: dict, line_no: int, csv_path: Path, raw_dir: Path, unimoda
             problems.append(f"{c} {err}")
         extra[c] = value
 
-    path = _find_clip(raw_dir, video_id, clip_id) if video_id and clip_id else None
-    if path is None:
+    path = _find_clip(raw_dir, video_id, clip_id) if video_id and clip_id and not unsafe else None
+    if unsafe:
+        path = csv_path  # never a path built from the refused names
+    elif path is None:
         expected = raw_dir / video_id / clip_id
         if video_id and clip_id:
             problems.append(
@@ -164,7 +174,7 @@ def _row_to_spec(row: dict, line_no: int, csv_path: Path, raw_dir: Path, unimoda
 
     text: str | None = cell("text") or None
     text_source: str | None = "label.csv" if text else None
-    if text is None and path.is_file():
+    if text is None and not unsafe and path.is_file():
         text = read_sidecar_transcript(path)
         text_source = "sidecar" if text is not None else None
 
@@ -175,6 +185,24 @@ def _row_to_spec(row: dict, line_no: int, csv_path: Path, raw_dir: Path, unimoda
         annotation=cell("annotation"),
         problem=f"{where}: {'; '.join(problems)}" if problems else None,
     )
+
+
+def _unsafe_name(column: str, value: str) -> str | None:
+    """Why ``value`` cannot name a folder or file directly under ``Raw/`` (None when it can).
+
+    Only the names are checked: a symbolic link inside ``Raw/`` is followed like any file.
+    """
+    control = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"{column} {value!r} contains a control character ({control!r})"
+    if value.startswith(_SEPARATORS) or _DRIVE.match(value):
+        return f"{column} {value!r} is an absolute path"
+    parts = re.split(r"[/\\]", value)
+    if any(part in (".", "..") for part in parts):
+        return f"{column} {value!r} has a '.' or '..' path part"
+    if len(parts) > 1:
+        return f"{column} {value!r} contains a path separator"
+    return None
 
 
 def _parse_float(text: str, required: bool) -> tuple[float | None, str | None]:

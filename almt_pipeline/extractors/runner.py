@@ -4,20 +4,25 @@
 cache (:mod:`.cache`), runs :class:`~.clip.ClipExtractor` on the rest (in worker processes when
 asked), reports bad clips without stopping, and writes the feature file (arrays laid out by
 :func:`~almt_pipeline.features.assemble_split`) and the failures CSV.
+
+Output locations and labels are checked before the first clip; workers end with the parent even
+when it is killed; SIGTERM stops like Ctrl-C; leftovers of interrupted writes are removed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +34,18 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config import Config, config_to_dict, load_config
 from ..errors import AlmtError, ConfigError, ExtractionError
 from ..features import assemble_split, save_features
-from ..metrics import canonical_scale, infer_label_scale
+from ..metrics import LABEL_RANGES, canonical_scale, infer_label_scale
 from ..schema import SCHEMA_VERSION, SPLITS
-from ..utils import atomic_write_csv, one_line, package_version, results_log
+from ..utils import (
+    atomic_write_csv,
+    check_writable,
+    exit_with_parent,
+    one_line,
+    package_version,
+    remove_stale_temp_files,
+    results_log,
+    sigterm_as_interrupt,
+)
 from .cache import DEFAULT_CACHE_DIR, ClipCache, write_entry
 from .clip import (
     AudioFeaturizerLike,
@@ -44,59 +58,13 @@ from .clip import (
 )
 from .dataset import ClipSpec, discover, has_unimodal_labels
 from .faces import make_face_featurizer
+from .summary import ExtractSummary
 
 logger = logging.getLogger(__name__)
 
 FAILURE_COLUMNS = ("path", "id", "error_type", "message")
+LABEL_TOLERANCE = 1e-6  # as features.load_features' range check
 Outcome = ClipResult | ClipFailure
-
-
-@dataclass
-class ExtractSummary:
-    out_path: Path | None
-    failures_path: Path
-    total: int = 0  # clips found
-    done: int = 0  # clips in the output (extracted now + from cache)
-    extracted: int = 0
-    cached: int = 0
-    failed: int = 0
-    asr_clips: int = 0  # transcripts made by speech recognition
-    truncated_texts: int = 0  # transcripts longer than model.text_len tokens
-    pooled_audio: int = 0  # audio sequences pooled to model.audio_len
-    pooled_vision: int = 0  # vision sequences pooled to model.vision_len
-    frames: int = 0  # sampled video frames (all done clips)
-    face_frames: int = 0  # ... with a face
-    no_face_clips: int = 0  # clips where no frame had a face
-    clip_seconds: float = 0.0  # media seconds extracted in this run (not cached)
-    total_seconds: float = 0.0
-    split_counts: dict[str, int] = field(default_factory=dict)
-    failures: list[ClipFailure] = field(default_factory=list)
-
-    @property
-    def no_face_fraction(self) -> float:
-        return 1.0 - self.face_frames / self.frames if self.frames else 0.0
-
-    @property
-    def speed(self) -> float:
-        """Clip seconds extracted per second of wall time."""
-        return self.clip_seconds / self.total_seconds if self.total_seconds > 0 else 0.0
-
-    def to_text(self) -> str:
-        splits = ", ".join(f"{k} {v}" for k, v in self.split_counts.items() if v)
-        lines = [
-            f"clips: {self.total} found, {self.done} done ({self.extracted} extracted, "
-            f"{self.cached} from cache), {self.failed} failed",
-            f"splits: {splits or 'none'}",
-            f"no-face frames: {100 * self.no_face_fraction:.1f}% ({self.no_face_clips} clips "
-            f"without any face)",
-            f"transcripts: {self.asr_clips} by speech recognition, {self.truncated_texts} truncated",
-            f"pooled to max length: {self.pooled_audio} audio, {self.pooled_vision} vision",
-            f"time: {self.total_seconds:.1f} s, {self.clip_seconds:.1f} clip-seconds extracted "
-            f"({self.speed:.1f} clip-s/s)",
-        ]
-        if self.failed:
-            lines.append(f"failures listed in {self.failures_path}")
-        return "\n".join(lines)
 
 
 def extract(input_path: str | os.PathLike, out_path: str | os.PathLike = "features.pkl", cfg: Config | None = None,
@@ -104,25 +72,69 @@ def extract(input_path: str | os.PathLike, out_path: str | os.PathLike = "featur
             quiet: bool = False, device: str = "cpu") -> ExtractSummary:
     """Extract every clip under ``input_path`` into an MMSA-format pickle at ``out_path``.
 
-    Bad clips are logged (one line each), listed in ``<out stem>.failures.csv`` and skipped.
-    Finished clips are cached under ``cache_dir`` (default ``<out dir>/.almt_cache``) so a rerun
-    resumes. Raises :class:`ExtractionError` when no clip could be extracted.
+    Bad clips (and rows whose label lies outside the label scale) are logged, one line each,
+    listed in ``<out stem>.failures.csv`` and skipped. Finished clips are cached under
+    ``cache_dir`` (default ``<out dir>/.almt_cache``) so a rerun resumes. An output location that
+    cannot be written raises ``OSError`` naming it before any clip is extracted. Raises
+    :class:`ExtractionError` when no clip could be extracted, and ``KeyboardInterrupt`` on Ctrl-C
+    or, when called in the main thread, SIGTERM (so ``almt extract`` exits with 130 for both).
     """
+    with sigterm_as_interrupt():
+        return _extract(input_path, Path(out_path), cfg if cfg is not None else load_config("default"),
+                        workers, unlabeled_split, cache_dir, quiet, device)
+
+
+def _extract(input_path: str | os.PathLike, out_path: Path, cfg: Config, workers: int, unlabeled_split: str,
+             cache_dir: str | os.PathLike | None, quiet: bool, device: str) -> ExtractSummary:
     t0 = time.perf_counter()
-    cfg = cfg if cfg is not None else load_config("default")
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    out_path = Path(out_path)
     failures_path = out_path.with_name(f"{out_path.stem}.failures.csv")
     specs = discover(input_path, unlabeled_split)
 
-    # widths are checked before any clip is touched
+    # widths, output locations and labels are checked before any clip is touched
     audio_fz, face_fz = make_audio_featurizer(cfg), make_face_featurizer(cfg.extract.visual)
     check_feature_widths(cfg, audio_fz, face_fz)
     feature_names = {"audio": list(audio_fz.feature_names), "vision": list(face_fz.feature_names)}
-
     cache = ClipCache(cache_dir if cache_dir is not None else out_path.parent / DEFAULT_CACHE_DIR, cfg)
-    summary = ExtractSummary(out_path=None, failures_path=failures_path, total=len(specs))
+    _prepare_output_locations(out_path, failures_path, cache.dir)
+    label_scale = _label_scale(cfg, specs)
+    specs = _flag_labels_out_of_range(specs, label_scale, inferred=cfg.train.label_scale == "auto")
+
+    summary = ExtractSummary(out_path=None, failures_path=failures_path, total=len(specs),
+                             text_len=cfg.model.text_len)
+    outcomes, todo = _sort_out(specs, cache, summary)
+
+    def finish(i: int, outcome: Outcome) -> None:
+        outcomes[i] = outcome
+        if isinstance(outcome, ClipFailure):
+            _log_failure(outcome)
+        else:
+            summary.extracted += 1
+            summary.clip_seconds += outcome.duration
+
+    try:
+        extractor = None
+        if todo and workers == 1:
+            extractor = ClipExtractor(cfg, device, audio_featurizer=audio_fz, face_featurizer=face_fz)
+        elif todo:
+            _warm_up(audio_fz)
+        del audio_fz, face_fz  # worker processes load their own models
+        _run_batch(cfg, device, specs, todo, cache, finish, quiet, workers, extractor)
+        _write_output(cfg, specs, outcomes, feature_names, summary, input_path, out_path, label_scale)
+    except KeyboardInterrupt as e:
+        n_done = sum(s.problem is None and cache.path_for(s).is_file() for s in specs)
+        logger.warning(
+            "%s: %d of %d clips are finished and cached in %s; run the same command again to resume",
+            str(e) or "interrupted", n_done, len(specs), cache.dir)
+        raise
+    summary.total_seconds = time.perf_counter() - t0
+    results_log.info("%s", summary.to_text())
+    return summary
+
+
+def _sort_out(specs: list[ClipSpec], cache: ClipCache, summary: ExtractSummary) -> tuple[dict[int, Outcome], list[int]]:
+    """Unusable rows (reported now) and cached clips, by index; the indices left to extract."""
     outcomes: dict[int, Outcome] = {}
     todo: list[int] = []
     for i, spec in enumerate(specs):
@@ -137,26 +149,34 @@ def extract(input_path: str | os.PathLike, out_path: str | os.PathLike = "featur
             todo.append(i)
     if summary.cached:
         logger.info("%d of %d clips already extracted (cache %s)", summary.cached, len(specs), cache.dir)
+    return outcomes, todo
 
-    def finish(i: int, outcome: Outcome) -> None:
-        outcomes[i] = outcome
-        if isinstance(outcome, ClipFailure):
-            _log_failure(outcome)
-        else:
-            summary.extracted += 1
-            summary.clip_seconds += outcome.duration
 
-    extractor = None
-    if todo and workers == 1:
-        extractor = ClipExtractor(cfg, device, audio_featurizer=audio_fz, face_featurizer=face_fz)
-    elif todo:
-        _warm_up(audio_fz)
-    del audio_fz, face_fz  # worker processes load their own models
-    _run_batch(cfg, device, specs, todo, cache, finish, quiet, workers, extractor)
-    _write_output(cfg, specs, outcomes, feature_names, summary, input_path, out_path)
-    summary.total_seconds = time.perf_counter() - t0
-    results_log.info("%s", summary.to_text())
-    return summary
+def _prepare_output_locations(out_path: Path, failures_path: Path, cache_dir: Path) -> None:
+    """Fail now when the feature file, the failures file or the cache cannot be written there;
+    remove the temporary files that writes interrupted in an earlier run left there."""
+    check_writable(out_path)
+    check_writable(failures_path)
+    check_writable(cache_dir, folder=True)
+    removed = (remove_stale_temp_files(out_path.parent, out_path.name)
+               + remove_stale_temp_files(failures_path.parent, failures_path.name)
+               + remove_stale_temp_files(cache_dir))
+    if removed:
+        logger.info("removed %d temporary file(s) left by interrupted writes", removed)
+
+
+def _flag_labels_out_of_range(specs: list[ClipSpec], scale: str, inferred: bool) -> list[ClipSpec]:
+    """Rows whose label lies outside ``[-r, r]`` of the label scale become unusable rows (so they
+    are reported now, and ``train`` does not reject the whole file later)."""
+    bound = LABEL_RANGES[scale]
+    how = "inferred from the labels" if inferred else "train.label_scale"
+    flagged = []
+    for s in specs:
+        if s.problem is None and math.isfinite(s.label) and abs(s.label) > bound + LABEL_TOLERANCE:
+            s = replace(s, problem=f"{s.id}: label {s.label:g} is outside [-{bound:g}, {bound:g}], "
+                                   f"the range of label scale {scale} ({how})")
+        flagged.append(s)
+    return flagged
 
 
 def _run_batch(cfg: Config, device: str, specs: list[ClipSpec], todo: list[int], cache: ClipCache,
@@ -165,26 +185,19 @@ def _run_batch(cfg: Config, device: str, specs: list[ClipSpec], todo: list[int],
     """Extract the clips ``todo`` with ``extractor`` in this process, or (None) in ``workers``
     processes that load their own models."""
     redirect: AbstractContextManager[Any] = nullcontext() if quiet else logging_redirect_tqdm()
-    try:
-        with redirect:
-            if extractor is not None:
-                with _progress(len(todo), quiet) as bar:
-                    for i in todo:
-                        finish(i, _extract_one(extractor, specs[i], cache.path_for(specs[i])))
-                        bar.update(1)
-            elif todo:
-                _run_parallel(cfg, device, specs, todo, cache, finish, quiet, workers)
-    except KeyboardInterrupt:
-        n_done = sum(s.problem is None and cache.path_for(s).is_file() for s in specs)
-        logger.warning(
-            "interrupted: %d of %d clips are finished and cached in %s; run the same command "
-            "again to resume", n_done, len(specs), cache.dir)
-        raise
+    with redirect:
+        if extractor is not None:
+            with _progress(len(todo), quiet) as bar:
+                for i in todo:
+                    finish(i, _extract_one(extractor, specs[i], cache.path_for(specs[i])))
+                    bar.update(1)
+        elif todo:
+            _run_parallel(cfg, device, specs, todo, cache, finish, quiet, workers)
 
 
 def _write_output(cfg: Config, specs: list[ClipSpec], outcomes: dict[int, Outcome],
                   feature_names: dict[str, list[str]], summary: ExtractSummary, input_path: str | os.PathLike,
-                  out_path: Path) -> None:
+                  out_path: Path, label_scale: str) -> None:
     """The failures CSV (always) and the feature file (when any clip succeeded)."""
     failures = [o for _, o in sorted(outcomes.items()) if isinstance(o, ClipFailure)]
     atomic_write_csv(summary.failures_path, FAILURE_COLUMNS,
@@ -198,7 +211,7 @@ def _write_output(cfg: Config, specs: list[ClipSpec], outcomes: dict[int, Outcom
             f"{input_path}: all {len(specs)} clips failed, no feature file written "
             f"(causes in {summary.failures_path})"
         )
-    splits, meta = _assemble(cfg, specs, done, feature_names, summary)
+    splits, meta = _assemble(cfg, specs, done, feature_names, summary, label_scale)
     save_features(out_path, splits, meta)
     summary.out_path = out_path
 
@@ -233,10 +246,17 @@ def _progress(total: int, quiet: bool) -> tqdm:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cfg: Config, device: str, threads: int, log_level: int) -> None:
+def _init_worker(cfg: Config, device: str, threads: int, log_level: int, parent_pid: int) -> None:
+    exit_with_parent(parent_pid)  # a killed parent must not leave workers holding their models
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     logging.basicConfig(level=max(log_level, logging.ERROR))
+    # tqdm's default lock holds a named semaphore that a terminated worker would leave behind
+    # (multiprocessing then warns of leaked semaphores): progress bars here need a thread lock only.
+    tqdm.set_lock(threading.RLock())
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # as the CLI does: N workers' bars would mix with ours
         torch.set_num_threads(threads)
         _WORKER["extractor"] = ClipExtractor(cfg, device, threads=threads)
     except BaseException as e:  # reported with the first clip instead of a broken pool
@@ -263,8 +283,10 @@ def _run_parallel(cfg: Config, device: str, specs: list[ClipSpec], todo: list[in
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     log_level = logging.getLogger().getEffectiveLevel()
+    # The workers are started by submit() in this thread, which outlives them: the kernel's
+    # parent-death signal (see exit_with_parent) follows the starting thread, not the process.
     executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(cfg, device, threads, log_level))
+                                   initargs=(cfg, device, threads, log_level, os.getpid()))
     try:
         with _progress(len(todo), quiet) as bar:
             futures = {executor.submit(_worker_extract, specs[i], cache.path_for(specs[i])): i
@@ -284,7 +306,7 @@ def _run_parallel(cfg: Config, device: str, specs: list[ClipSpec], todo: list[in
                 bar.update(1)
     except BaseException:
         # Stop now: finished clips are already cached (atomically) by the workers; waiting for a
-        # graceful pool shutdown after Ctrl-C can hang, so the workers are terminated.
+        # graceful pool shutdown after Ctrl-C (or SIGTERM) can hang, so the workers are terminated.
         _terminate_workers(executor)
         executor.shutdown(wait=False, cancel_futures=True)
         raise
@@ -304,8 +326,8 @@ def _terminate_workers(executor: ProcessPoolExecutor) -> None:
 # output
 
 
-def _assemble(cfg: Config, specs: list[ClipSpec], done: dict[int, ClipResult],
-              feature_names: dict[str, list[str]], summary: ExtractSummary) -> tuple[dict[str, Any], dict[str, Any]]:
+def _assemble(cfg: Config, specs: list[ClipSpec], done: dict[int, ClipResult], feature_names: dict[str, list[str]],
+              summary: ExtractSummary, label_scale: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The splits' arrays and the file's meta (settings, names, per-clip provenance)."""
     m = cfg.model
     unimodal = has_unimodal_labels(specs)
@@ -313,6 +335,8 @@ def _assemble(cfg: Config, specs: list[ClipSpec], done: dict[int, ClipResult],
     sources: dict[str, list[str]] = {}
     transcript_sources: dict[str, list[str]] = {}
     face_fraction: dict[str, list[float]] = {}
+    decode_errors: dict[str, list[int]] = {}  # errors ffmpeg decoded past, per clip
+    audio_padded: dict[str, list[float]] = {}  # seconds of silence added to a short audio track
     for split in SPLITS:
         rows = [(specs[i], r) for i, r in sorted(done.items()) if specs[i].split == split]
         if not rows:  # an empty split is left out (readers reject 0-sample splits)
@@ -321,7 +345,9 @@ def _assemble(cfg: Config, specs: list[ClipSpec], done: dict[int, ClipResult],
         sources[split] = [str(spec.path) for spec, _ in rows]
         transcript_sources[split] = [r.transcript_source for _, r in rows]
         face_fraction[split] = [round(r.face_fraction, 4) for _, r in rows]
-    _count(summary, list(done.values()), m.audio_len, m.vision_len)
+        decode_errors[split] = [r.decode_errors for _, r in rows]
+        audio_padded[split] = [round(r.audio_padded, 3) for _, r in rows]
+    summary.count([(specs[i].id, r) for i, r in sorted(done.items())], m.audio_len, m.vision_len)
     summary.split_counts = {s: len(v) for s, v in sources.items()}
     first = next(iter(done.values()))
     meta = {
@@ -329,31 +355,22 @@ def _assemble(cfg: Config, specs: list[ClipSpec], done: dict[int, ClipResult],
         "created_by": f"almt-pipeline {package_version()}",
         "text_model": m.text_model,
         "text_dim": int(first.text.shape[1]),
-        "label_scale": _label_scale(cfg, specs),
+        "label_scale": label_scale,
         "extract": config_to_dict(cfg)["extract"],
         "feature_names": feature_names,
         "lengths": {"text": m.text_len, "audio": m.audio_len, "vision": m.vision_len},
         "sources": sources,
         "transcript_sources": transcript_sources,
         "face_fraction": face_fraction,
+        "decode_errors": decode_errors,
+        "audio_padded": audio_padded,
     }
     return splits, meta
 
 
-def _count(summary: ExtractSummary, results: Sequence[ClipResult], audio_len: int, vision_len: int) -> None:
-    for r in results:
-        summary.pooled_audio += r.audio.shape[0] > audio_len
-        summary.pooled_vision += r.vision.shape[0] > vision_len
-        summary.asr_clips += r.transcript_source == "asr"
-        summary.truncated_texts += r.text_truncated
-        frames = r.vision.shape[0]
-        summary.frames += frames
-        summary.face_frames += int(round(r.face_fraction * frames))
-        summary.no_face_clips += r.face_fraction == 0.0
-
-
 def _label_scale(cfg: Config, specs: list[ClipSpec]) -> str:
-    """The config's choice, else inferred from the labels (see metrics.infer_label_scale)."""
+    """The config's choice, else inferred from all usable rows' labels (metrics.infer_label_scale:
+    "mosi" as soon as one |label| > 1, so a stray 5 is then out of range of mosi)."""
     if cfg.train.label_scale != "auto":
         return canonical_scale(cfg.train.label_scale)
     return infer_label_scale(np.array([s.label for s in specs if s.problem is None], dtype=np.float64))

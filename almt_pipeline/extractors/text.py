@@ -3,7 +3,9 @@
 Layout follows the MMSA feature files: ``text_bert`` is (3, L) = token ids, attention mask,
 segment ids for ``[CLS] tokens [SEP]`` followed by zero padding; ``text`` is the model's last
 hidden state for that whole padded sequence (the official pickles keep the outputs at padding
-positions too, so this does the same).
+positions too, so this does the same). A feature file has one such row per clip, so a longer
+transcript is cut to L tokens there (``TextFeatures.truncated``); prediction instead scores a
+long transcript in consecutive windows of at most L tokens (:meth:`TextFeaturizer.windows`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,46 @@ class TextFeatures:
     hidden: np.ndarray  # (L, H) float32 last hidden state
     n_tokens: int  # tokens of the whole text incl. [CLS]/[SEP], before truncation
     truncated: bool  # n_tokens > L: the end of the text was cut
+
+
+@dataclass
+class TextWindow:
+    """A stretch of a transcript as its own ``[CLS] tokens [SEP]`` sequence (zero padded to L)."""
+
+    text_bert: np.ndarray  # (3, L) float32: ids, attention mask, segment ids
+    tokens: int  # the transcript's tokens in it (without [CLS] and [SEP]), at most L - 2
+    start: float  # where it starts and ends in the transcript, as fractions of its words
+    end: float
+
+
+def split_words(word_tokens: Sequence[Sequence[int]], size: int) -> list[tuple[list[int], float, float]]:
+    """Pack the token ids of consecutive words into windows of at most ``size`` tokens, cutting
+    only between words (a single word longer than ``size`` is cut between its tokens).
+
+    Returns (token ids, start, end) per window, start and end counted in words: a word cut into
+    pieces counts in proportion to each piece's tokens. The windows cover all words in order.
+    """
+    if size < 1:
+        raise ValueError(f"a window holds at least one token, got {size}")
+    pieces: list[tuple[list[int], float]] = []  # (ids, word position where the piece ends)
+    for w, ids in enumerate(word_tokens):
+        n = len(ids)
+        if n <= size:
+            pieces.append((list(ids), w + 1.0))
+            continue
+        for k in range(0, n, size):
+            pieces.append((list(ids[k:k + size]), w + min(k + size, n) / n))
+    windows: list[tuple[list[int], float, float]] = []
+    current: list[int] = []
+    start = end = 0.0
+    for ids, piece_end in pieces:
+        if current and len(current) + len(ids) > size:
+            windows.append((current, start, end))
+            current, start = [], end
+        current += ids
+        end = piece_end
+    windows.append((current, start, float(len(word_tokens))))
+    return windows
 
 
 class TextFeaturizer:
@@ -117,3 +159,32 @@ class TextFeaturizer:
 
     def __call__(self, text: str) -> TextFeatures:
         return self.featurize_many([text])[0]
+
+    def windows(self, text: str) -> list[TextWindow]:
+        """``text`` as consecutive windows of at most ``text_len`` tokens each (``[CLS]`` + up to
+        L - 2 of its tokens + ``[SEP]``), cut between whitespace-separated words (see
+        :func:`split_words`). A text that fits gives one window equal to ``text_bert``.
+
+        BERT tokenizers split on whitespace before anything else, so the words' tokens in a row
+        are exactly the whole text's tokens.
+        """
+        words = (text or "").split()
+        if not words:
+            return [TextWindow(self._sequence([]), 0, 0.0, 1.0)]
+        try:
+            word_tokens = self.tokenizer(words, add_special_tokens=False, verbose=False)["input_ids"]
+        except Exception as e:  # tokenizer failure on odd input
+            raise ExtractionError(f"text model {self.text_model!r} failed: {one_line(e)}") from e
+        total = len(words)
+        return [TextWindow(self._sequence(ids), len(ids), start / total, end / total)
+                for ids, start, end in split_words(word_tokens, self.text_len - 2)]
+
+    def _sequence(self, ids: Sequence[int]) -> np.ndarray:
+        """``[CLS] ids [SEP]`` -> (3, L) float32: ids, attention mask, segment ids, zero padded."""
+        tok = self.tokenizer
+        row = [tok.cls_token_id, *ids, tok.sep_token_id]
+        out = np.zeros((3, self.text_len), np.float32)  # (3, L)
+        out[0] = tok.pad_token_id or 0
+        out[0, :len(row)] = row
+        out[1, :len(row)] = 1.0
+        return out

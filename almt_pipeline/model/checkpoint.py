@@ -11,6 +11,12 @@ Layout::
 Loading needs nothing but this directory and no network: the text encoder is rebuilt from
 ``text_model/config.json`` with random weights, then all weights come from ``model.safetensors``.
 
+A checkpoint may come from anyone, so loading checks before it builds: every stored size must lie
+within its declared bound (``config.py``, ``text_encoder.BERT_SIZE_BOUNDS``), and the parameter
+count the two configs imply (:func:`almt_parameter_count` + ``bert_parameter_count``) must fit in
+``model.safetensors`` (float32). A config that asks for more than its weights file holds is
+refused in one line instead of allocating until the process dies.
+
 Writes are atomic: the directory is built under a temporary name next to the target and then
 renamed into place, so a kill at any moment leaves the previous complete checkpoint (or, between
 the two renames, a complete copy that the next save or load puts back).
@@ -30,14 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import Config, config_from_dict, config_to_dict
-from ..errors import CheckpointError, ConfigError
+from ..config import Config, ModelConfig, config_from_dict, config_to_dict
+from ..errors import AlmtError, CheckpointError
+from ..metrics import SCALES
 from ..utils import atomic_write_json, current_umask, one_line, package_version
 from .almt import ALMT
-from .text_encoder import text_model_from_config
+from .text_encoder import bert_config_from_dict, bert_parameter_count, text_model_from_config
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import BertConfig, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 _MIN_VOCAB = 100  # fewer tokens means the vocabulary files were not found
 _TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"
+_MAX_JSON_BYTES = 16 << 20  # the JSON files of a checkpoint are kilobytes
+_PARAM_BYTES = 4  # save_checkpoint writes float32 parameters
+_SIZE_SLACK = 1.01  # estimated parameters may exceed what the weights file holds by 1% at most
 
 
 @dataclass
@@ -118,7 +128,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the model, config and tokenizer stored in ``dir`` (offline, nothing else needed)."""
+    """Rebuild the model, config and tokenizer stored in ``dir`` (offline, nothing else needed).
+
+    Nothing is built before the stored sizes are checked: each within its bound, and together no
+    more parameters than ``model.safetensors`` holds.
+    """
     path = Path(dir)
     if not path.exists():
         recover_dir(path, cleanup=False)
@@ -128,25 +142,20 @@ def load_checkpoint(dir: str | os.PathLike[str], device: str | torch.device = "c
     config_file = path / CONFIG_FILE
     try:
         cfg = config_from_dict(meta["config"], source=str(config_file))
-    except ConfigError as e:
-        raise CheckpointError(f"{config_file}: invalid model config ({one_line(e)})") from e
-    text_config_file = path / TEXT_MODEL_DIR / "config.json"
-    text_config = _read_json(text_config_file)
+    except AlmtError as e:  # its message names config_file
+        raise CheckpointError(one_line(e)) from e
+    bert_config, text_dim = _stored_text_config(path, meta, cfg.model)
+    weights = path / WEIGHTS_FILE
+    check_weights_size(weights, almt_parameter_count(cfg.model, text_dim) + bert_parameter_count(bert_config))
     try:
-        text_encoder = text_model_from_config(text_config)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{text_config_file}: cannot build the text model ({one_line(e)})") from e
-    text_dim = int(meta.get("text_dim", text_config.get("hidden_size", 0)))
-    try:
-        model = ALMT(cfg.model, text_encoder, text_dim)
-    except Exception as e:
-        raise CheckpointError(f"{config_file}: cannot build ALMT from the stored config ({one_line(e)})") from e
-    _load_weights(model, path / WEIGHTS_FILE)
+        model = ALMT(cfg.model, text_model_from_config(bert_config), text_dim)
+    except Exception as e:  # noqa: BLE001 - torch and transformers raise many types
+        raise CheckpointError(f"{config_file}: cannot build the model from the stored configs "
+                              f"({one_line(e)})") from e
+    _load_weights(model, weights)
     model.to(device).eval()
     tokenizer = _load_tokenizer(path / TEXT_MODEL_DIR)
-    info = dict(meta.get("info") or {})
+    info = dict(_json_object(meta, "info", config_file))
     info.update(
         format_version=meta["format_version"],
         package_version=meta.get("package_version"),
@@ -157,11 +166,110 @@ def load_checkpoint(dir: str | os.PathLike[str], device: str | torch.device = "c
         model=model,
         cfg=cfg,
         tokenizer=tokenizer,
-        feature_meta=dict(meta.get("feature_meta") or {}),
-        label_scale=str(meta.get("label_scale") or "mosi"),
+        feature_meta=_stored_feature_meta(meta, config_file),
+        label_scale=_stored_label_scale(meta, config_file),
         info=info,
         path=path,
     )
+
+
+def _stored_text_config(path: Path, meta: dict[str, Any], m: ModelConfig) -> tuple[BertConfig, int]:
+    """The text model's checked BertConfig and the text width ALMT is built for."""
+    text_config_file = path / TEXT_MODEL_DIR / "config.json"
+    try:
+        bert_config = bert_config_from_dict(_read_json(text_config_file), source=str(text_config_file))
+    except AlmtError as e:
+        raise CheckpointError(str(e)) from e
+    text_dim = meta.get("text_dim", bert_config.hidden_size)
+    if text_dim != bert_config.hidden_size or isinstance(text_dim, bool):
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: 'text_dim' {text_dim!r} differs from the text model's hidden_size "
+            f"{bert_config.hidden_size} ({text_config_file})"
+        )
+    if m.text_len > bert_config.max_position_embeddings:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: 'model.text_len' {m.text_len} exceeds the text model's "
+            f"max_position_embeddings {bert_config.max_position_embeddings} ({text_config_file})"
+        )
+    return bert_config, int(text_dim)
+
+
+def _json_object(meta: dict[str, Any], key: str, config_file: Path) -> dict[str, Any]:
+    """``meta[key]``: a JSON object, or empty when absent or null."""
+    value = meta.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{config_file}: '{key}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _stored_feature_meta(meta: dict[str, Any], config_file: Path) -> dict[str, Any]:
+    """The feature meta, with ``feature_names`` (when present) a mapping of name lists."""
+    feature_meta = dict(_json_object(meta, "feature_meta", config_file))
+    names = feature_meta.get("feature_names")
+    if names is not None and not (
+        isinstance(names, dict)
+        and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in names.values())
+    ):
+        raise CheckpointError(f"{config_file}: 'feature_meta.feature_names' must map modalities to "
+                              "lists of feature names")
+    return feature_meta
+
+
+def _stored_label_scale(meta: dict[str, Any], config_file: Path) -> str:
+    scale = meta.get("label_scale") or "mosi"
+    if scale not in SCALES:
+        raise CheckpointError(f"{config_file}: 'label_scale' must be one of {', '.join(SCALES)}, "
+                              f"got {scale!r}")
+    return str(scale)
+
+
+def almt_parameter_count(m: ModelConfig, text_dim: int) -> int:
+    """Parameters of ``ALMT(m, text_encoder, text_dim)`` outside the text encoder, from the sizes
+    alone (the layers of model/almt.py; nothing is built)."""
+    d, t = m.dim, m.n_tokens
+
+    def block(heads: int, dim_head: int, mlp: int) -> int:
+        inner = heads * dim_head
+        attention = 3 * 2 * d + 3 * d * inner + (inner * d + d)  # 3 LayerNorms, Q/K/V, output
+        return attention + 2 * d + (d * mlp + mlp) + (mlp * d + d)  # + LayerNorm, MLP
+
+    def embedding(width: int, length: int) -> int:  # projection, tokens, positions, blocks
+        blocks = m.embed_depth * block(m.embed_heads, m.embed_dim_head, m.embed_mlp_dim)
+        return (width * d + d) + t * d + (t + length) * d + blocks
+
+    ahl_inner = m.ahl_heads * m.ahl_dim_head
+    ahl_layer = 4 * 2 * d + 5 * d * ahl_inner + (ahl_inner * d + d)  # 4 LayerNorms, 5 projections, output
+    return (
+        embedding(text_dim, m.text_len) + embedding(m.audio_dim, m.audio_len)
+        + embedding(m.vision_dim, m.vision_len)
+        + t * d + (m.ahl_depth - 1) * block(m.lang_heads, m.lang_dim_head, m.lang_mlp_dim)  # language scales
+        + t * d + m.ahl_depth * ahl_layer  # hyper-modality and AHL layers
+        + d + 2 * (t + 1) * d  # fusion token and positions
+        + m.fusion_depth * block(m.fusion_heads, m.fusion_dim_head, m.fusion_mlp_dim)
+        + d + 1  # regression head
+    )
+
+
+def check_weights_size(path: Path, n_parameters: int) -> None:
+    """Refuse, before anything is built, a config that asks for more parameters than the float32
+    weights file ``path`` holds (its size less the safetensors header)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header = int.from_bytes(head[:8], "little")
+    if len(head) < 9 or header < 2 or header > size - 8 or head[8:9] != b"{":
+        raise CheckpointError(f"{path}: corrupt or unreadable weights (not a safetensors file: "
+                              f"{size} bytes, header of {header} bytes)")
+    holds = (size - 8 - header) // _PARAM_BYTES
+    if n_parameters > holds * _SIZE_SLACK:
+        raise CheckpointError(
+            f"{path}: the stored configs describe a model of {n_parameters:,} parameters but the "
+            f"weights file holds at most {holds:,}; refusing to build it"
+        )
 
 
 def read_checkpoint_config(dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -301,10 +409,13 @@ def _load_tokenizer(text_dir: Path) -> PreTrainedTokenizerBase:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+            text = f.read(_MAX_JSON_BYTES + 1)
+            if len(text) > _MAX_JSON_BYTES:
+                raise CheckpointError(f"{path}: larger than {_MAX_JSON_BYTES >> 20} MiB, not a checkpoint file")
+            obj = json.loads(text)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: file missing from checkpoint") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, huge ints
         raise CheckpointError(f"{path}: corrupt JSON ({one_line(e)})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object")

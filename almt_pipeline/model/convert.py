@@ -10,13 +10,22 @@ Two source layouts are understood, by their state-dict key names:
 
 Conversion is strict: every source key must be used, every parameter of our model filled and
 every shape equal; otherwise one error lists the problems.
+
+A weights file is recognised by its first bytes before it is read: a ``torch.save`` zip archive
+or pickle goes to ``torch.load(weights_only=True)`` (tensors and plain containers only: a pickle
+that asks for any other callable is refused, not run), a safetensors file to safetensors; an
+empty file, a text file or anything else is refused by name. A zip archive whose entries would
+expand far beyond its size on disk is refused before torch allocates them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import pickletools
 import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -33,6 +42,9 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("official", "mmsa")
 _WRAPPER_PREFIXES = ("module.", "Model.")
+# zip entries may expand to this multiple of the archive's size (torch.save stores them as they are)
+_MAX_ZIP_EXPANSION = 2
+_SNIFF_BYTES = 512
 # persistent buffers of older transformers versions that newer ones no longer save
 _OPTIONAL_TEXT_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
@@ -165,16 +177,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
+    kind = _weights_kind(path)
+    if kind == "zip":
+        _check_zip_expansion(path)
     obj: object
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # the error below says all a user needs
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and safetensors errors alike
-        raise CheckpointError(f"{path}: cannot read weights ({one_line(e)})") from e
+        raise CheckpointError(_unreadable(path, kind, e)) from e
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -182,6 +199,69 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise CheckpointError(f"{path}: not a state dict (expected a mapping of names to tensors)")
     return obj
+
+
+def _weights_kind(path: Path) -> str:
+    """``zip``, ``pickle`` (both torch.save formats) or ``safetensors`` from the first bytes;
+    anything else is refused here with what the file is."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    header = int.from_bytes(head[:8], "little")
+    if path.suffix == ".safetensors" or (head[8:9] == b"{" and header <= path.stat().st_size - 8):
+        return "safetensors"
+    if head.startswith(b"\x80"):  # pickle protocol 2+: torch.save's legacy format
+        return "pickle"
+    if not head:
+        raise CheckpointError(f"{path}: empty file, not a weights file")
+    expected = "expected a torch.save file (.pt/.pth/.bin) or .safetensors"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        raise CheckpointError(f"{path}: a text file, not a weights file ({expected})")
+    raise CheckpointError(
+        f"{path}: not a weights file (starts with bytes {head[:4].hex()}: neither a zip archive "
+        f"nor a pickle nor safetensors; {expected})"
+    )
+
+
+def _check_zip_expansion(path: Path) -> None:
+    """Refuse a zip archive whose entries would expand far beyond its size (a zip bomb)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            expanded = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: a damaged zip archive, not a PyTorch checkpoint ({one_line(e)})") from e
+    if expanded > _MAX_ZIP_EXPANSION * size + (1 << 20):
+        raise CheckpointError(
+            f"{path}: refused: its zip entries would expand to {expanded:,} bytes from {size:,} on disk "
+            "(torch.save stores them uncompressed)"
+        )
+
+
+def _unreadable(path: Path, kind: str, e: Exception) -> str:
+    """The one-line error for a file of ``kind`` that its reader refused."""
+    text = " ".join(str(e).split())
+    called = re.search(r"GLOBAL ([\w.]+)", text)
+    if called:
+        return (f"{path}: refused: the pickle asks to call {called.group(1)}, which could run code; "
+                "weights files may hold only tensors and plain containers")
+    detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    cause = detail.group(1) if detail else one_line(e)
+    opcode = re.fullmatch(r"Unsupported operand (\d+)", cause)
+    names = {op.code: op.name for op in pickletools.opcodes}
+    if opcode and chr(int(opcode.group(1))) in names:
+        cause = f"pickle instruction {names[chr(int(opcode.group(1)))]} is not allowed"
+    if kind == "zip":
+        return f"{path}: a zip archive but not a PyTorch checkpoint written by torch.save ({cause})"
+    if kind == "pickle":
+        return f"{path}: a pickle but not PyTorch weights that weights-only loading reads ({cause})"
+    return f"{path}: not a valid safetensors file ({cause})"
 
 
 def import_weights(path: str | Path, fmt: str, cfg: Config, text_model: str | None, out_dir: str | Path,

