@@ -11,10 +11,11 @@ from typing import Any
 from .batches import amp_dtype, predict_split, to_split
 from .errors import ConfigError, FeatureFileError
 from .features import load_features
+from .files import atomic_write_csv
 from .metrics import format_metrics, split_metrics
 from .model.checkpoint import load_checkpoint
 from .schema import check_split
-from .utils import atomic_write_csv, resolve_device, results_log
+from .utils import resolve_device, results_log
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import Config, ModelConfig
 from .errors import FeatureFileError
+from .files import atomic_write
 from .metrics import LABEL_RANGES, canonical_scale, infer_label_scale
 from .safe_pickle import safe_load_pickle
 from .schema import (
@@ -40,7 +41,7 @@ from .schema import (
     to_str_array,
     validate_split,
 )
-from .utils import atomic_write, package_version
+from .utils import package_version
 
 logger = logging.getLogger(__name__)
 

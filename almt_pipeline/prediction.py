@@ -40,10 +40,11 @@ from .extractors.clip import ClipExtractor, ClipFailure, TranscriberLike, run_gu
 from .extractors.dataset import ClipSpec, list_plain_clips
 from .extractors.text import TextFeaturizer, TextWindow
 from .features import fit_length
+from .files import atomic_write_csv, atomic_write_text
 from .metrics import LABEL_RANGES, canonical_scale, sentiment_class
 from .model.checkpoint import LoadedCheckpoint, load_checkpoint
 from .runs import find_latest_checkpoint
-from .utils import atomic_write_csv, atomic_write_text, one_line, resolve_device
+from .utils import one_line, resolve_device
 
 log = logging.getLogger(__name__)
 

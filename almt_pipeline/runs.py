@@ -32,8 +32,9 @@ import torch
 
 from .config import Config, config_from_dict, config_to_dict
 from .errors import CheckpointError, TrainingError
+from .files import atomic_write, atomic_write_csv, atomic_write_json
 from .metrics import is_better, sort_key
-from .utils import atomic_write, atomic_write_csv, atomic_write_json, one_line, package_version
+from .utils import one_line, package_version
 
 logger = logging.getLogger(__name__)
 

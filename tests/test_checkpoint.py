@@ -15,9 +15,8 @@ import torch
 from almt_pipeline.config import BUILTIN_CONFIGS, Config, ModelConfig, load_config
 from almt_pipeline.errors import CheckpointError
 from almt_pipeline.model import checkpoint as ckpt_mod
-from almt_pipeline.model.almt import ALMT, count_parameters
+from almt_pipeline.model.almt import ALMT, almt_parameter_count, count_parameters
 from almt_pipeline.model.checkpoint import (
-    almt_parameter_count,
     check_weights_size,
     load_checkpoint,
     save_checkpoint,

@@ -187,7 +187,9 @@ try:
     print("loaded", sum(len(str(v)) for s in ff.splits.values() for a in s.values() for v in a.reshape(-1)))
 except FeatureFileError as e:
     print(f"{'refused' if isinstance(e, UnsafePickleError) else 'error'}: {e}")
-print("maxrss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+# VmHWM is this process image's own peak (ru_maxrss would include the forked parent's pages)
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print("maxrss_mib", int(hwm[0]) // 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from almt_pipeline import utils
+from almt_pipeline import files
 from almt_pipeline.cli import app
 from almt_pipeline.config import config_from_dict, replace_config
 from almt_pipeline.errors import ConfigError, ExtractionError
@@ -399,22 +399,22 @@ def test_remove_stale_temp_files_keeps_what_a_writer_may_still_hold(tmp_path):
     real = _old(tmp_path / "f.pkl")
     with open(locked, "rb") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live writer holds it
-        assert utils.remove_stale_temp_files(tmp_path, "f.pkl") == 1
+        assert files.remove_stale_temp_files(tmp_path, "f.pkl") == 1
         assert not stale.exists() and other.exists() and of_longer_name.exists()
-        assert utils.remove_stale_temp_files(tmp_path) == 2  # every name: other, of_longer_name
+        assert files.remove_stale_temp_files(tmp_path) == 2  # every name: other, of_longer_name
     assert fresh.exists() and locked.exists() and real.exists()
     assert not other.exists() and not of_longer_name.exists()
-    assert utils.remove_stale_temp_files(tmp_path / "missing") == 0
+    assert files.remove_stale_temp_files(tmp_path / "missing") == 0
 
 
 def test_atomic_write_holds_its_temp_file_until_renamed(tmp_path):
     target = tmp_path / "f.txt"
-    with utils.atomic_write(target, "w") as f:
+    with files.atomic_write(target, "w") as f:
         f.write("complete")
         (tmp,) = tmp_path.glob(".f.txt.*.tmp")
         past = time.time() - 3600
         os.utime(tmp, (past, past))  # even an old-looking temp file is kept while it is held
-        assert utils.remove_stale_temp_files(tmp_path, "f.txt") == 0
+        assert files.remove_stale_temp_files(tmp_path, "f.txt") == 0
     assert target.read_text() == "complete"
 
 
@@ -442,8 +442,8 @@ def test_atomic_write_names_the_file_when_the_disk_is_full(where, tmp_path, monk
         def fsync(fd):
             raise full
 
-        monkeypatch.setattr(utils.os, "fsync", fsync)
-    with pytest.raises(OSError) as info, utils.atomic_write(target, "w") as f:
+        monkeypatch.setattr(files.os, "fsync", fsync)
+    with pytest.raises(OSError) as info, files.atomic_write(target, "w") as f:
         f.write("new")
         if where == "write":
             raise full
@@ -456,7 +456,7 @@ def test_atomic_write_names_the_file_when_its_folder_cannot_be_made(tmp_path):
     (tmp_path / "a_file").write_text("x")
     target = tmp_path / "a_file" / "f.csv"
     with pytest.raises(NotADirectoryError) as info:
-        utils.atomic_write_csv(target, ["a"], [[1]])
+        files.atomic_write_csv(target, ["a"], [[1]])
     assert str(info.value) == f"{target}: cannot write ({tmp_path / 'a_file'} is not a folder)"
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config, config_to_dict
-from ..utils import atomic_write, package_version
+from ..files import atomic_write
+from ..utils import package_version
 from .clip import ClipResult
 from .dataset import ClipSpec
 

@@ -34,18 +34,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..config import Config, config_to_dict, load_config
 from ..errors import AlmtError, ConfigError, ExtractionError
 from ..features import assemble_split, save_features
+from ..files import atomic_write_csv, check_writable, remove_stale_temp_files
 from ..metrics import LABEL_RANGES, canonical_scale, infer_label_scale
+from ..processes import exit_with_parent, sigterm_as_interrupt
 from ..schema import SCHEMA_VERSION, SPLITS
-from ..utils import (
-    atomic_write_csv,
-    check_writable,
-    exit_with_parent,
-    one_line,
-    package_version,
-    remove_stale_temp_files,
-    results_log,
-    sigterm_as_interrupt,
-)
+from ..utils import one_line, package_version, results_log
 from .cache import DEFAULT_CACHE_DIR, ClipCache, write_entry
 from .clip import (
     AudioFeaturizerLike,

@@ -377,6 +377,33 @@ def count_parameters(model: ALMT) -> tuple[int, int]:
     return outside, total
 
 
+def almt_parameter_count(m: ModelConfig, text_dim: int) -> int:
+    """Parameters of ``ALMT(m, text_encoder, text_dim)`` outside the text encoder, from the sizes
+    alone (the layers of model/almt.py; nothing is built)."""
+    d, t = m.dim, m.n_tokens
+
+    def block(heads: int, dim_head: int, mlp: int) -> int:
+        inner = heads * dim_head
+        attention = 3 * 2 * d + 3 * d * inner + (inner * d + d)  # 3 LayerNorms, Q/K/V, output
+        return attention + 2 * d + (d * mlp + mlp) + (mlp * d + d)  # + LayerNorm, MLP
+
+    def embedding(width: int, length: int) -> int:  # projection, tokens, positions, blocks
+        blocks = m.embed_depth * block(m.embed_heads, m.embed_dim_head, m.embed_mlp_dim)
+        return (width * d + d) + t * d + (t + length) * d + blocks
+
+    ahl_inner = m.ahl_heads * m.ahl_dim_head
+    ahl_layer = 4 * 2 * d + 5 * d * ahl_inner + (ahl_inner * d + d)  # 4 LayerNorms, 5 projections, output
+    return (
+        embedding(text_dim, m.text_len) + embedding(m.audio_dim, m.audio_len)
+        + embedding(m.vision_dim, m.vision_len)
+        + t * d + (m.ahl_depth - 1) * block(m.lang_heads, m.lang_dim_head, m.lang_mlp_dim)  # language scales
+        + t * d + m.ahl_depth * ahl_layer  # hyper-modality and AHL layers
+        + d + 2 * (t + 1) * d  # fusion token and positions
+        + m.fusion_depth * block(m.fusion_heads, m.fusion_dim_head, m.fusion_mlp_dim)
+        + d + 1  # regression head
+    )
+
+
 def describe_model(cfg: ModelConfig) -> dict:
     """Parameter counts for ``cfg`` without loading pretrained weights (built on the meta device).
 

@@ -13,7 +13,7 @@ Loading needs nothing but this directory and no network: the text encoder is reb
 
 A checkpoint may come from anyone, so loading checks before it builds: every stored size must lie
 within its declared bound (``config.py``, ``text_encoder.BERT_SIZE_BOUNDS``), and the parameter
-count the two configs imply (:func:`almt_parameter_count` + ``bert_parameter_count``) must fit in
+count the two configs imply (:func:`~.almt.almt_parameter_count` + ``bert_parameter_count``) must fit in
 ``model.safetensors`` (float32). A config that asks for more than its weights file holds is
 refused in one line instead of allocating until the process dies.
 
@@ -38,9 +38,10 @@ import torch
 
 from ..config import Config, ModelConfig, config_from_dict, config_to_dict
 from ..errors import AlmtError, CheckpointError
+from ..files import atomic_write_json, current_umask
 from ..metrics import SCALES
-from ..utils import atomic_write_json, current_umask, one_line, package_version
-from .almt import ALMT
+from ..utils import one_line, package_version
+from .almt import ALMT, almt_parameter_count
 from .text_encoder import bert_config_from_dict, bert_parameter_count, text_model_from_config
 
 if TYPE_CHECKING:
@@ -223,33 +224,6 @@ def _stored_label_scale(meta: dict[str, Any], config_file: Path) -> str:
         raise CheckpointError(f"{config_file}: 'label_scale' must be one of {', '.join(SCALES)}, "
                               f"got {scale!r}")
     return str(scale)
-
-
-def almt_parameter_count(m: ModelConfig, text_dim: int) -> int:
-    """Parameters of ``ALMT(m, text_encoder, text_dim)`` outside the text encoder, from the sizes
-    alone (the layers of model/almt.py; nothing is built)."""
-    d, t = m.dim, m.n_tokens
-
-    def block(heads: int, dim_head: int, mlp: int) -> int:
-        inner = heads * dim_head
-        attention = 3 * 2 * d + 3 * d * inner + (inner * d + d)  # 3 LayerNorms, Q/K/V, output
-        return attention + 2 * d + (d * mlp + mlp) + (mlp * d + d)  # + LayerNorm, MLP
-
-    def embedding(width: int, length: int) -> int:  # projection, tokens, positions, blocks
-        blocks = m.embed_depth * block(m.embed_heads, m.embed_dim_head, m.embed_mlp_dim)
-        return (width * d + d) + t * d + (t + length) * d + blocks
-
-    ahl_inner = m.ahl_heads * m.ahl_dim_head
-    ahl_layer = 4 * 2 * d + 5 * d * ahl_inner + (ahl_inner * d + d)  # 4 LayerNorms, 5 projections, output
-    return (
-        embedding(text_dim, m.text_len) + embedding(m.audio_dim, m.audio_len)
-        + embedding(m.vision_dim, m.vision_len)
-        + t * d + (m.ahl_depth - 1) * block(m.lang_heads, m.lang_dim_head, m.lang_mlp_dim)  # language scales
-        + t * d + m.ahl_depth * ahl_layer  # hyper-modality and AHL layers
-        + d + 2 * (t + 1) * d  # fusion token and positions
-        + m.fusion_depth * block(m.fusion_heads, m.fusion_dim_head, m.fusion_mlp_dim)
-        + d + 1  # regression head
-    )
 
 
 def check_weights_size(path: Path, n_parameters: int) -> None:
