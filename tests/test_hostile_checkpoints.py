@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import torch
-from synthetic import make_synthetic
-from test_checkpoint import FEATURE_META, TEXT_DIM, _cfg, _tiny_text_model
+from synthetic import make_synthetic, make_tiny_text_model
+from test_checkpoint import FEATURE_META, TEXT_DIM, _cfg
 from typer.testing import CliRunner
 
 from almt_pipeline.cli import app
@@ -43,7 +43,7 @@ runner = CliRunner()
 def pristine(tmp_path_factory) -> Path:
     """A valid tiny checkpoint (its source text model deleted); tests edit copies of it."""
     root = tmp_path_factory.mktemp("pristine")
-    text_model = _tiny_text_model(root / "bert")
+    text_model = make_tiny_text_model(root / "bert")
     cfg = _cfg(text_model)
     bert, tokenizer = load_text_model(str(text_model))
     model = ALMT(cfg.model, bert, TEXT_DIM)

