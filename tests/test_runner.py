@@ -144,6 +144,7 @@ def test_workers_give_same_output(mini_run, data_dir, cfg, tmp_path):
     _assert_same_splits(_raw(out), _raw(out2), exact=False)
 
 
+@pytest.mark.slow  # extracts a folder of good and bad clips end to end
 def test_plain_folder_keeps_good_clips_and_reports_bad_ones(tmp_path, data_dir, cfg, caplog):
     folder = tmp_path / "clips"
     shutil.copytree(data_dir / "plain_folder", folder)
@@ -184,6 +185,7 @@ def test_plain_folder_keeps_good_clips_and_reports_bad_ones(tmp_path, data_dir, 
         assert lines and all("\n" not in ln and "Traceback" not in ln for ln in lines)
 
 
+@pytest.mark.slow  # extracts the mini dataset twice
 def test_interrupted_run_resumes(mini_run, data_dir, cfg, tmp_path, monkeypatch, caplog):
     out = tmp_path / "features.pkl"
     original = ClipExtractor.__call__
