@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from .errors import TrainingError
 from .schema import LABEL_KEY, Arrays
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,18 @@ class _BatchDataset(Dataset[Batch]):
     def __getitem__(self, idx: list[int]) -> Batch:
         index = torch.as_tensor(idx, dtype=torch.long)
         return tuple(t[index] for t in self.tensors)
+
+
+def check_token_ids(splits: Iterable[Split], vocab_size: int, text_model: str) -> None:
+    """Token ids beyond the text model's vocabulary mean the file was tokenized for another model
+    (the embedding lookup would fail mid-run)."""
+    tops = [int(s.inputs[0][:, 0].max()) for s in splits if s.n]
+    if tops and max(tops) >= vocab_size:
+        raise TrainingError(
+            f"the feature file holds token id {max(tops)} but text model {text_model!r} has only {vocab_size} "
+            "tokens: it was tokenized for another text model; pass the one used by `almt extract` "
+            "with --text-model"
+        )
 
 
 def make_loader(split: Split, batch_size: int, generator: torch.Generator | None, pin: bool) -> DataLoader[Batch]:

@@ -54,6 +54,9 @@ MAX_BATCH = 4096
 MAX_EPOCHS = 100_000  # epochs (and early-stopping patience): the released runs train 200
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
+
+
 @dataclass(frozen=True)
 class Bound:
     """The values a numeric config field admits: at least ``low`` (greater than ``low`` when
@@ -146,7 +149,7 @@ class TrainConfig:
     batch_size: int = _size(64, MAX_BATCH)
     epochs: int = _size(200, MAX_EPOCHS)
     warmup_ratio: float = _bounded(0.1, 0.0, 1.0)  # linear warm-up over this fraction of epochs, then cosine
-    seed: int = 7
+    seed: int = _bounded(7, 0, MAX_SEED)
     seeds: list[int] | None = None  # several seeds -> mean +- std
     select_metric: str = "MAE"  # validation metric that selects the checkpoint
     patience: int | None = _size(None, MAX_EPOCHS)  # early stopping (epochs without improvement); None = off
@@ -339,6 +342,9 @@ def _check(cfg: Config, source: str) -> None:
     _check_fields(cfg, source, ())
     if cfg.train.seeds is not None and len(cfg.train.seeds) == 0:
         raise ConfigError(f"{source}: 'train.seeds' must list at least one seed (or be null)")
+    for seed in cfg.train.seeds or ():
+        if not 0 <= seed < MAX_SEED:
+            raise ConfigError(f"{source}: 'train.seeds' must hold seeds in [0, {MAX_SEED}), got {seed}")
 
 
 def _check_fields(obj: Any, source: str, where: tuple[str, ...]) -> None:

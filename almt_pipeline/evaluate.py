@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .batches import amp_dtype, predict_split, to_split
+from .batches import amp_dtype, check_token_ids, predict_split, to_split
 from .errors import ConfigError, FeatureFileError
 from .features import load_features
 from .files import atomic_write_csv
@@ -41,6 +41,9 @@ def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *,
                          label_scale=ckpt.label_scale)
     check_feature_names(ckpt.feature_meta, data.meta, Path(checkpoint_dir), Path(data_path))
     s = to_split(split, data.splits[split])
+    text_config: Any = getattr(ckpt.model.text_encoder, "config", None)
+    if text_config is not None:
+        check_token_ids([s], int(text_config.vocab_size), ckpt.cfg.model.text_model)
     if data.label_scale != ckpt.label_scale:
         logger.warning("%s: label scale %s differs from the checkpoint's %s; using the checkpoint's",
                        data_path, data.label_scale, ckpt.label_scale)

@@ -48,7 +48,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write supports modes 'w' and 'wb', not {mode!r}")
-    path = Path(path)
+    path = write_target(path)
     try:
         _make_folder(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -70,6 +70,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         raise
 
 
+def write_target(path: str | os.PathLike) -> Path:
+    """The file an atomic write of ``path`` replaces: a symbolic link's target (the link stays),
+    never a device, FIFO or socket (``OSError`` naming ``path``: renaming over one would destroy
+    it, e.g. ``/dev/null``)."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.exists() and not target.is_file() and not target.is_dir():
+        err = OSError(f"{path}: not a regular file (a device, FIFO or socket); give the path of a file to write")
+        err.errno = errno.EINVAL
+        raise err
+    return target
+
+
 def write_error(path: str | os.PathLike, e: OSError) -> OSError:
     """``e`` as an error of the same class (errno kept) saying ``<path>: cannot write (<reason>)``."""
     cls = type(e) if type(e).__module__ == "builtins" else OSError
@@ -82,7 +95,7 @@ def check_writable(path: str | os.PathLike, *, folder: bool = False) -> None:
     """Fail now, with an ``OSError`` naming ``path``, when :func:`atomic_write` could not write the
     file ``path`` (or, with ``folder``, files inside the folder ``path``): creates the missing
     folders, then creates and removes a temporary file where the real one will go."""
-    path = Path(path)
+    path = Path(path) if folder else write_target(path)
     if not folder and path.is_dir():
         raise IsADirectoryError(f"{path}: is a folder; a file name is needed here")
     if folder and path.exists() and not path.is_dir():

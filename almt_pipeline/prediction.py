@@ -319,8 +319,11 @@ def start_loading_asr(ckpt_dir: Path) -> Future[TranscriberLike] | None:
 
     Whisper loads in C++ outside the GIL, so this overlaps well with loading the rest.
     """
+    config = ckpt_dir / "config.json"
+    if not config.is_file() or config.stat().st_size > 16 << 20:
+        return None  # the full checkpoint load reports what is wrong with it
     try:  # a light read: the full checkpoint load validates everything later
-        meta = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
+        meta = json.loads(config.read_text(encoding="utf-8"))
         settings = meta["feature_meta"]["extract"]
         model, language = settings["asr_model"], settings.get("language")
     except (OSError, ValueError, KeyError, TypeError):

@@ -51,19 +51,25 @@ def _watch_parent(parent_pid: int, poll_s: float) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``KeyboardInterrupt("received SIGTERM")`` in the main
-    thread, so that a terminated command stops the way Ctrl-C stops it (and the CLI exits with
-    130). Does nothing outside the main thread (only it may set signal handlers) or when SIGTERM
-    is ignored. The previous handler is restored afterwards."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+    """Within the block, SIGTERM (and SIGHUP: a closed terminal or ssh session) raises
+    ``KeyboardInterrupt("received SIGTERM")`` in the main thread, so that a terminated command
+    stops the way Ctrl-C stops it (and the CLI exits with 130). Does nothing outside the main
+    thread (only it may set signal handlers); a signal that is ignored stays ignored. The previous
+    handlers are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    names = ("SIGTERM", "SIGHUP")
+    signals = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    previous = {s: signal.getsignal(s) for s in signals}
+    for s, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(s, _raise_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

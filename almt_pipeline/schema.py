@@ -39,6 +39,7 @@ UNIMODAL_LABEL_KEYS = ("regression_labels_T", "regression_labels_A", "regression
 OPTIONAL_NUMERIC = ("classification_labels", *UNIMODAL_LABEL_KEYS)
 logger = logging.getLogger(__name__)
 
+_MAX_FRAME_COUNT = 1 << 40  # a valid length is at most a padded length; larger ones do not fit int64 casts
 _CHUNK_ELEMENTS = 1 << 24  # finite checks in slices of ~16M values to bound temporary memory
 EXPANSION_PER_FILE_BYTE = 8  # bytes a list element / meta value may take once converted, per file byte
 EXPANSION_FLOOR = 1 << 20  # ... plus this much for any file
@@ -196,6 +197,9 @@ def _to_float32(where: str, arr: np.ndarray, problems: Problems) -> np.ndarray |
     if arr.dtype.kind == "O":
         try:
             return _numbers(arr).astype(np.float32)
+        except OverflowError:
+            problems.add(where, "holds a number too large for float32")
+            return None
         except (TypeError, ValueError):
             pass
     problems.add(where, f"expected numbers, found dtype {arr.dtype}")
@@ -342,12 +346,17 @@ def _check_lengths(name: str, out: Arrays, problems: Problems) -> None:
         if arr.dtype.kind not in "biuf":
             try:
                 arr = _numbers(arr).astype(np.float64)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 problems.add(where, f"expected integers, found dtype {arr.dtype}")
                 del out[key]
                 continue
         if arr.dtype.kind == "f" and (not np.isfinite(arr).all() or (arr != np.round(arr)).any()):
             problems.add(where, "expected whole numbers (frame counts)")
+            del out[key]
+            continue
+        if arr.size and float(np.abs(arr.astype(np.float64)).max()) > _MAX_FRAME_COUNT:
+            problems.add(where, f"frame counts up to {float(np.abs(arr.astype(np.float64)).max()):.3g}, "
+                                "beyond any padded length")
             del out[key]
             continue
         arr = arr.astype(np.int64)

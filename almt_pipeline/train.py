@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import runs
-from .batches import Batch, Split, amp_dtype, autocast, forward, make_loader, predict_split, to_split
+from .batches import Batch, Split, amp_dtype, autocast, check_token_ids, forward, make_loader, predict_split, to_split
 from .config import Config
 from .errors import ConfigError, TrainingError
 from .features import FeatureFile, load_features
@@ -171,17 +171,6 @@ def _feature_schema(data: FeatureFile) -> dict[str, Any]:
     return json.loads(json.dumps(meta, default=str))  # plain JSON values only
 
 
-def _check_token_ids(splits: dict[str, Split], vocab_size: int, text_model: str) -> None:
-    """Token ids beyond the text model's vocabulary mean the file was tokenized for another model."""
-    top = max(int(s.inputs[0][:, 0].max()) for s in splits.values() if s.n)
-    if top >= vocab_size:
-        raise TrainingError(
-            f"the feature file holds token id {top} but text model {text_model!r} has only {vocab_size} "
-            "tokens: it was tokenized for another text model; pass the one used by `almt extract` "
-            "with --text-model"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # One seed
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +247,7 @@ def _start_seed(cfg: Config, seed: int, data: _Data, device: torch.device,
     set_seed(seed)
     bert, tokenizer = load_text_model(cfg.model.text_model)
     text_config = bert.config.to_dict()
-    _check_token_ids(data.splits, int(text_config["vocab_size"]), cfg.model.text_model)
+    check_token_ids(data.splits.values(), int(text_config["vocab_size"]), cfg.model.text_model)
     model = ALMT(cfg.model, bert, int(bert.config.hidden_size)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     amp = amp_dtype(t.amp, device)
@@ -390,6 +379,11 @@ def _finish_seed(cfg: Config, st: _SeedState, seed: int, run_dir: Path, scale: s
         "valid": best["valid"], "test": best["test"], "checkpoint": str(run_dir / runs.CHECKPOINT_DIR),
         "train_time_s": round(sum(r["time_s"] for r in st.history), 3), "device": str(settings.device),
     }
+    if best["value"] is None or not math.isfinite(best["value"]):
+        raise TrainingError(
+            f"{run_dir}: valid {select} was not finite at any epoch (the model diverged): lower the "
+            "learning rate, set train.grad_clip, or check the features for extreme values"
+        )
     results_log.info("%sselected epoch %d by valid %s = %.4f", desc, best["epoch"], select, best["value"])
     if best["test"]:
         results_log.info("%stest metrics of the selected epoch: %s", desc, format_metrics(best["test"]))

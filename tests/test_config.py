@@ -89,6 +89,8 @@ def test_defaults_are_the_embedded_default():
     ("extract:\n  visual:\n    backend: openface\n", "'extract.visual.backend' must be one of"),
     ("model: [1, 2]\n", "'model' must be a mapping"),
     ("model:\n  text_len: [\n", "not valid YAML"),
+    ("train:\n  seed: 99999999999999999999\n", r"'train.seed' must be in \[0, 9223372036854775807\)"),
+    ("train:\n  seeds: [1, -2]\n", r"'train.seeds' must hold seeds in \[0, 9223372036854775807\), got -2"),
     ("model:\n  embed_heads: 0\n", r"'model.embed_heads' must be in \[1, 256\], got 0"),
     ("model:\n  fusion_depth: -1\n", r"'model.fusion_depth' must be in \[1, 64\], got -1"),
     ("model:\n  fusion_depth: 1000000\n", r"'model.fusion_depth' must be in \[1, 64\], got 1000000"),

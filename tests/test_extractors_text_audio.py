@@ -205,3 +205,14 @@ def test_sidecar_transcripts(tmp_path):
     )
     assert read_sidecar_transcript(clip) == "It is a story about a small town."
     assert srt_to_text("1\n00:00:01.000 --> 00:00:02.000\n42 apples\n") == "42 apples"
+
+
+def test_a_huge_sidecar_transcript_is_read_up_to_its_cap(tmp_path, caplog):
+    from almt_pipeline.extractors import asr
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    clip.with_suffix(".txt").write_text("good film " * 300_000)  # 3 MB
+    text = asr.read_sidecar_transcript(clip)
+    assert text is not None and len(text) <= asr.MAX_TRANSCRIPT_BYTES
+    assert "only its first 1 MiB are used" in caplog.text

@@ -421,3 +421,19 @@ def test_saved_file_with_mmsa_package_when_installed(tmp_path):
         ds = mod.MMDataset(dict(args), mode=mode)
         item = ds[0]
         assert item["text"].shape == (3, 12) and ds.get_seq_len() == (12, 20, 15)
+
+
+@pytest.mark.parametrize("key, values, message", [
+    ("regression_labels", [10**400] * 6, "a number too large for float32"),
+    ("audio_lengths", [10**400] * 6, "expected integers"),
+    ("audio_lengths", [2.0**70] * 6, r"frame counts up to 1.18e\+21, beyond any padded length"),
+    ("vision_lengths", [1e300] * 6, "beyond any padded length"),
+])
+def test_numbers_beyond_the_types_are_one_line_problems(tmp_path, key, values, message):
+    data = make_synthetic(None, **SMALL)
+    data["train"][key] = values
+    path = tmp_path / "big.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(data, f, protocol=4)
+    with pytest.raises(FeatureFileError, match=message):
+        load_features(path)

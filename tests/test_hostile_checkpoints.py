@@ -110,6 +110,27 @@ def _truncated_weights(d: Path) -> None:
     (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
 
 
+def _int32_head(d: Path) -> None:
+    """The head's weights stored as int32 (same bytes, same size): cast silently before."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["head.weight"] = tensors["head.weight"].view(torch.int32)
+    save_file(tensors, str(d / "model.safetensors"))
+
+
+def _fifo(name: str) -> Callable[[Path], None]:
+    def make(d: Path) -> None:
+        (d / name).unlink()
+        os.mkfifo(d / name)  # reading it would block for ever
+    return make
+
+
+def _huge_tokenizer(d: Path) -> None:
+    with open(d / "text_model" / "tokenizer.json", "r+b") as f:
+        f.truncate(1 << 30)  # sparse: no disk used, but the tokenizer would read 1 GB
+
+
 def invoke(command: str, ckpt: Path, inputs: tuple[Path, Path]) -> Any:
     data, clip = inputs
     if command == "evaluate":
@@ -162,6 +183,9 @@ MALFORMED = {
                               ["model.safetensors: corrupt or unreadable weights (not a safetensors file"]),
     "weights-text": (write("model.safetensors", b"hello, this is not a safetensors file\n"),
                      ["model.safetensors: corrupt or unreadable weights"]),
+    "weights-int32": (_int32_head, ["model.safetensors: tensor 'head.weight' is I32; checkpoints hold float32"]),
+    "config-fifo": (_fifo("config.json"), ["config.json: not a regular file"]),
+    "tokenizer-1gb": (_huge_tokenizer, ["tokenizer.json: not a regular file of at most 64 MiB"]),
     "weights-truncated": (_truncated_weights, ["model.safetensors: the stored configs describe a model of",
                                                "parameters but the weights file holds at most"]),
 }

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -533,3 +534,19 @@ def test_sigterm_stops_extract_like_ctrl_c(data_dir, cfg, tmp_path, monkeypatch,
     assert len(warnings) == 1 and warnings[0].startswith("received SIGTERM: 2 of 6 clips are finished")
     assert not (tmp_path / "f.pkl").exists()
     assert len(list((tmp_path / ".almt_cache").rglob("*.npz"))) == 2
+
+
+def test_writes_never_replace_a_device_fifo_or_a_symlink(tmp_path):
+    """Renaming over a FIFO (or /dev/null as root) would destroy it; a link's target is written."""
+    fifo = tmp_path / "out.pkl"
+    os.mkfifo(fifo)
+    for write in (lambda: files.atomic_write_text(fifo, "x"), lambda: files.check_writable(fifo)):
+        with pytest.raises(OSError, match=r"out\.pkl: not a regular file \(a device, FIFO or socket\)"):
+            write()
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    real = tmp_path / "real.csv"
+    real.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    files.atomic_write_csv(link, ["a"], [[1]])
+    assert link.is_symlink() and real.read_text() == "a\n1\n"

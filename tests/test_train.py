@@ -385,3 +385,30 @@ def test_resume_state_write_failure_names_the_file(tmp_path, monkeypatch):
         runs.save_state(path, {"version": 1})
     assert "\n" not in str(e.value)
     assert list(path.parent.iterdir()) == []  # no partial file
+
+
+def test_evaluate_refuses_token_ids_beyond_the_vocabulary(trained, tiny, tmp_path):
+    out, _ = trained
+    _, data = tiny
+    raw = load_features(data, require_labels=False).splits
+    raw["test"]["text_bert"][:, 0, 1] = 1e9  # would index past the embedding table
+    path = tmp_path / "ids.pkl"
+    save_features(path, raw, {})
+    with pytest.raises(TrainingError, match="token id 1000000000"):
+        evaluate(out / "checkpoint", path, split="test", device="cpu", quiet=True)
+
+
+def test_a_run_whose_validation_is_never_finite_fails(tiny, tmp_path, monkeypatch):
+    from almt_pipeline import train as train_module
+
+    text_model, data = tiny
+    real = train_module.split_metrics
+
+    def always_nan(pred, truth, scale):
+        m = real(pred, truth, scale)
+        m["MAE"] = float("nan")
+        return m
+
+    monkeypatch.setattr(train_module, "split_metrics", always_nan)
+    with pytest.raises(TrainingError, match="valid MAE was not finite at any epoch"):
+        train(tiny_config(text_model, epochs=2), data, tmp_path / "run", device="cpu", quiet=True)

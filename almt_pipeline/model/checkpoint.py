@@ -58,6 +58,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 _MIN_VOCAB = 100  # fewer tokens means the vocabulary files were not found
 _TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"
+_MAX_TOKENIZER_BYTES = 64 << 20  # bert-base-uncased: tokenizer.json 0.7 MB, vocab.txt 0.2 MB
 _MAX_JSON_BYTES = 16 << 20  # the JSON files of a checkpoint are kilobytes
 _PARAM_BYTES = 4  # save_checkpoint writes float32 parameters
 _SIZE_SLACK = 1.01  # estimated parameters may exceed what the weights file holds by 1% at most
@@ -345,6 +346,7 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file missing")
+    _check_weight_dtypes(path)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except RuntimeError as e:  # load_state_dict: tensor shapes differ from the built model
@@ -361,6 +363,20 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not match the stored config: {'; '.join(parts)}")
 
 
+def _check_weight_dtypes(path: Path) -> None:
+    """Checkpoints hold float32 tensors: an integer, bool or 8-bit tensor would be cast silently."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                dtype = f.get_slice(key).get_dtype()
+                if dtype != "F32":
+                    raise CheckpointError(f"{path}: tensor {key!r} is {dtype}; checkpoints hold float32 (F32)")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable weights ({one_line(e)})") from e
+
+
 def _load_tokenizer(text_dir: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -371,6 +387,11 @@ def _load_tokenizer(text_dir: Path) -> PreTrainedTokenizerBase:
         raise CheckpointError(
             f"{text_dir}: cannot load the tokenizer (none of {', '.join(_TOKENIZER_FILES)} present)"
         )
+    for name in os.listdir(text_dir):  # the tokenizer reads these whole into memory
+        file = text_dir / name
+        if not file.is_file() or file.stat().st_size > _MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{file}: not a regular file of at most {_MAX_TOKENIZER_BYTES >> 20} MiB "
+                                  "(tokenizer files are small)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(text_dir), local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, ...
@@ -381,6 +402,8 @@ def _load_tokenizer(text_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    if path.exists() and not path.is_file():  # a FIFO would block the read
+        raise CheckpointError(f"{path}: not a regular file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read(_MAX_JSON_BYTES + 1)
