@@ -21,7 +21,7 @@ import numpy as np
 from .config import Config, ModelConfig
 from .errors import FeatureFileError
 from .files import atomic_write
-from .metrics import LABEL_RANGES, canonical_scale, infer_label_scale
+from .metrics import LABEL_RANGES, canonical_scale, infer_label_scale, outside_label_range
 from .safe_pickle import safe_load_pickle
 from .schema import (
     LABEL_KEY,
@@ -230,7 +230,7 @@ def _check_label_range(loaded: dict[str, Arrays], scale: str, problems: Problems
         if y is None:
             continue
         finite = y[np.isfinite(y)]
-        bad = int((np.abs(finite) > bound + 1e-6).sum())
+        bad = int(outside_label_range(y, scale).sum())
         if bad:
             problems.add(
                 f"{s}/{LABEL_KEY}",

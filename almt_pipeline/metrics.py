@@ -32,6 +32,7 @@ LOSS_KEY = "Loss"  # mean squared error, the training objective
 LOWER_IS_BETTER = {"MAE", LOSS_KEY}
 SCALES = {"mosi": "mosi", "mosei": "mosi", "sims": "sims"}  # label-scale names -> canonical scale
 LABEL_RANGES = {"mosi": 3.0, "sims": 1.0}  # labels of a canonical scale lie in [-r, r]
+LABEL_TOLERANCE = 1e-6  # float32 labels at the bound (e.g. 3.0000001) are in range
 SIMS_EDGES = {  # interior bin edges; a value v is in bin sum(v > edge) (right-closed bins)
     2: (0.0,),
     3: (-0.1, 0.1),
@@ -53,6 +54,12 @@ def infer_label_scale(labels: np.ndarray) -> str:
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
     y = y[np.isfinite(y)]
     return "sims" if y.size and float(np.abs(y).max()) <= LABEL_RANGES["sims"] else "mosi"
+
+
+def outside_label_range(labels: np.ndarray, scale: str) -> np.ndarray:
+    """Mask of the finite labels outside ``[-r, r]`` of the (canonical) label scale ``scale``."""
+    y = np.asarray(labels, dtype=np.float64)
+    return np.isfinite(y) & (np.abs(y) > LABEL_RANGES[scale] + LABEL_TOLERANCE)
 
 
 def metric_names(scale: str) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ from .extractors.text import TextFeaturizer, TextWindow
 from .features import fit_length
 from .files import atomic_write_csv, atomic_write_text
 from .metrics import LABEL_RANGES, canonical_scale, sentiment_class
-from .model.checkpoint import LoadedCheckpoint, load_checkpoint
+from .model.checkpoint import MAX_JSON_BYTES, LoadedCheckpoint, load_checkpoint
 from .runs import find_latest_checkpoint
 from .utils import one_line, resolve_device
 
@@ -320,7 +320,7 @@ def start_loading_asr(ckpt_dir: Path) -> Future[TranscriberLike] | None:
     Whisper loads in C++ outside the GIL, so this overlaps well with loading the rest.
     """
     config = ckpt_dir / "config.json"
-    if not config.is_file() or config.stat().st_size > 16 << 20:
+    if not config.is_file() or config.stat().st_size > MAX_JSON_BYTES:
         return None  # the full checkpoint load reports what is wrong with it
     try:  # a light read: the full checkpoint load validates everything later
         meta = json.loads(config.read_text(encoding="utf-8"))

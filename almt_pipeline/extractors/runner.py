@@ -12,7 +12,6 @@ when it is killed; SIGTERM stops like Ctrl-C; leftovers of interrupted writes ar
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -35,7 +34,7 @@ from ..config import Config, config_to_dict, load_config
 from ..errors import AlmtError, ConfigError, ExtractionError
 from ..features import assemble_split, save_features
 from ..files import atomic_write_csv, check_writable, remove_stale_temp_files
-from ..metrics import LABEL_RANGES, canonical_scale, infer_label_scale
+from ..metrics import LABEL_RANGES, canonical_scale, infer_label_scale, outside_label_range
 from ..processes import exit_with_parent, sigterm_as_interrupt
 from ..schema import SCHEMA_VERSION, SPLITS
 from ..utils import one_line, package_version, results_log
@@ -56,7 +55,6 @@ from .summary import ExtractSummary
 logger = logging.getLogger(__name__)
 
 FAILURE_COLUMNS = ("path", "id", "error_type", "message")
-LABEL_TOLERANCE = 1e-6  # as features.load_features' range check
 Outcome = ClipResult | ClipFailure
 
 
@@ -165,7 +163,7 @@ def _flag_labels_out_of_range(specs: list[ClipSpec], scale: str, inferred: bool)
     how = "inferred from the labels" if inferred else "train.label_scale"
     flagged = []
     for s in specs:
-        if s.problem is None and math.isfinite(s.label) and abs(s.label) > bound + LABEL_TOLERANCE:
+        if s.problem is None and outside_label_range(np.array([s.label]), scale)[0]:
             s = replace(s, problem=f"{s.id}: label {s.label:g} is outside [-{bound:g}, {bound:g}], "
                                    f"the range of label scale {scale} ({how})")
         flagged.append(s)

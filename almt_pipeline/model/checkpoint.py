@@ -59,7 +59,7 @@ _MIN_VOCAB = 100  # fewer tokens means the vocabulary files were not found
 _TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"
 _MAX_TOKENIZER_BYTES = 64 << 20  # bert-base-uncased: tokenizer.json 0.7 MB, vocab.txt 0.2 MB
-_MAX_JSON_BYTES = 16 << 20  # the JSON files of a checkpoint are kilobytes
+MAX_JSON_BYTES = 16 << 20  # the JSON files of a checkpoint are kilobytes
 _PARAM_BYTES = 4  # save_checkpoint writes float32 parameters
 _SIZE_SLACK = 1.01  # estimated parameters may exceed what the weights file holds by 1% at most
 
@@ -406,9 +406,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a regular file")
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read(_MAX_JSON_BYTES + 1)
-            if len(text) > _MAX_JSON_BYTES:
-                raise CheckpointError(f"{path}: larger than {_MAX_JSON_BYTES >> 20} MiB, not a checkpoint file")
+            text = f.read(MAX_JSON_BYTES + 1)
+            if len(text) > MAX_JSON_BYTES:
+                raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, not a checkpoint file")
             obj = json.loads(text)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: file missing from checkpoint") from e
