@@ -10,20 +10,26 @@ environment are printed as one line (``error: ...``) with a non-zero exit status
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import typer
 
-from .config import BUILTIN_CONFIGS, EXTRACTION_CONFIGS, Config, load_config, replace_config
-from .errors import AlmtError, ConfigError
+from . import cli_analyses
+from .cli_common import (
+    DEFAULT_FEATURES,
+    ConfigOpt,
+    DeviceOpt,
+    QuietOpt,
+    TextModelOpt,
+    VerboseOpt,
+    load_cli_config,
+    one_line_errors,
+    setup_logging,
+)
+from .config import BUILTIN_CONFIGS, EXTRACTION_CONFIGS, Config
+from .errors import ConfigError
 from .schema import SPLITS, check_split
-from .utils import one_line
 
 # The commands' modules import torch and transformers: they are imported inside the commands so
 # that `almt --help` and argument errors answer at once.
@@ -35,70 +41,9 @@ app = typer.Typer(
     help="Multimodal sentiment analysis with ALMT: extract features from raw clips, train, predict.",
 )
 
-DEFAULT_FEATURES = Path("features.pkl")
-F = TypeVar("F", bound=Callable[..., Any])
-
-ConfigOpt = typer.Option(
-    "default", "--config", "-c",
-    help=f"Built-in config ({', '.join(BUILTIN_CONFIGS)}) or a YAML file.",
-)
-TextModelOpt = typer.Option(
-    None, "--text-model",
-    help="Override the config's text model: Hugging Face hub name or local path (BERT architecture).",
-)
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-QuietOpt = typer.Option(
-    False, "--quiet", "-q",
-    help="No progress bars or per-step messages; warnings, errors and final results only.",
-)
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
-
-
-def _one_line_errors(func: F) -> F:
-    """Turn library errors into ``error: <message>`` and exit status 1, without a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except AlmtError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=1) from None
-        except OSError as e:  # unwritable output, full disk, ...: the message names the file
-            typer.secho(f"error: {one_line(e)}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(code=130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _setup_logging(quiet: bool, verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("almt_pipeline.results").setLevel(min(level, logging.INFO))  # even with --quiet
-    for noisy in ("transformers", "huggingface_hub", "faster_whisper", "numba", "matplotlib", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    try:  # transformers' per-load "Loading weights" bar is noise next to our own progress
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-def _load_config(config: str | Config, text_model: str | None, **sections: dict[str, Any]) -> Config:
-    """A config by name/path (or an already loaded one) with command-line overrides applied."""
-    cfg = config if isinstance(config, Config) else load_config(config)
-    model = dict(sections.pop("model", {}))
-    if text_model is not None:
-        model["text_model"] = text_model
-    return replace_config(cfg, model=model, **sections)
-
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def extract(
     input: Path = typer.Argument(..., help="A dataset folder (label.csv + Raw/), a folder of clips, or one clip."),
     out: Path = typer.Option(DEFAULT_FEATURES, "--out", "-o", help="Feature file to write (MMSA pickle)."),
@@ -131,7 +76,7 @@ def extract(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Turn raw clips into an MMSA-format feature file (text, audio and face features)."""
-    _setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose)
     from .extractors.runner import extract as run_extract
 
     check_split(unlabeled_split, "--unlabeled-split")
@@ -140,7 +85,7 @@ def extract(
             f"--config {config} is a training config for the official feature files; extraction "
             f"takes {' or '.join(EXTRACTION_CONFIGS)} (or a YAML file)"
         )
-    cfg = _load_config(
+    cfg = load_cli_config(
         config, text_model,
         extract={"visual.backend": visual_backend, "visual.fps": fps, "asr_model": asr_model},
     )
@@ -153,7 +98,7 @@ def extract(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def train(
     config: str | None = typer.Option(
         None, "--config", "-c",
@@ -201,7 +146,7 @@ def train(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Train ALMT on a feature file; the checkpoint is selected on the validation split."""
-    _setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose)
     from .runs import latest_run, load_run_config, new_run_dir
     from .train import train as run_train
 
@@ -215,7 +160,7 @@ def train(
         out = latest_run() if resume else new_run_dir()
     # a resumed run keeps the settings it started with
     base: str | Config = load_run_config(out) if config is None and resume else config or "default"
-    cfg = _load_config(
+    cfg = load_cli_config(
         base, text_model,
         model={"masked": masked},
         train={
@@ -227,7 +172,7 @@ def train(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def evaluate(
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint",
@@ -248,7 +193,7 @@ def evaluate(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Score a checkpoint on one split of a feature file."""
-    _setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose)
     from .evaluate import evaluate as run_evaluate
     from .runs import find_latest_checkpoint
 
@@ -259,7 +204,7 @@ def evaluate(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def predict(
     input: Path = typer.Argument(..., help="A clip or a folder of clips."),
     checkpoint: Path | None = typer.Option(
@@ -273,7 +218,7 @@ def predict(
     verbose: bool = VerboseOpt,
 ) -> None:
     """Predict the sentiment of new clips with a trained checkpoint."""
-    _setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose)
     from .prediction import Predictor, format_prediction, list_inputs, needs_asr, start_loading_asr, write_predictions
     from .runs import find_latest_checkpoint
 
@@ -299,16 +244,16 @@ def predict(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def describe(
     config: str = ConfigOpt,
     text_model: str | None = TextModelOpt,
 ) -> None:
     """Print the model's parameter counts, excluding and including the text model."""
-    _setup_logging(True)
+    setup_logging(True)
     from .model.almt import describe_model
 
-    cfg = _load_config(config, text_model)
+    cfg = load_cli_config(config, text_model)
     info = describe_model(cfg.model)
     typer.echo(f"config:        {cfg.name}")
     typer.echo(f"text model:    {cfg.model.text_model} (hidden size {info['text_dim']}{info['text_note']})")
@@ -317,7 +262,7 @@ def describe(
 
 
 @app.command("import-weights")
-@_one_line_errors
+@one_line_errors
 def import_weights(
     file: Path = typer.Argument(..., help="State dict (.pt/.pth/.bin or .safetensors) of an ALMT trained elsewhere."),
     format: str = typer.Option(..., "--format", help="official (the paper's released code) or mmsa (thuiar/MMSA)."),
@@ -326,14 +271,17 @@ def import_weights(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to create."),
 ) -> None:
     """Convert released ALMT weights into a self-contained checkpoint."""
-    _setup_logging(False)
+    setup_logging(False)
     from .model.convert import import_weights as run_import
 
     if format not in ("official", "mmsa"):
         raise typer.BadParameter("must be official or mmsa", param_hint="--format")
-    cfg = _load_config(config, text_model)
+    cfg = load_cli_config(config, text_model)
     run_import(file, format, cfg, None, out)
     typer.echo(f"checkpoint written to {out}")
+
+
+cli_analyses.register(app)
 
 
 def main() -> None:
