@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from . import cli_analyses
+from . import cli_analyses, cli_explain
 from .cli_common import (
     DEFAULT_FEATURES,
     ConfigOpt,
@@ -25,6 +25,7 @@ from .cli_common import (
     VerboseOpt,
     load_cli_config,
     one_line_errors,
+    parse_seeds,
     setup_logging,
 )
 from .config import BUILTIN_CONFIGS, EXTRACTION_CONFIGS, Config
@@ -150,12 +151,7 @@ def train(
     from .runs import latest_run, load_run_config, new_run_dir
     from .train import train as run_train
 
-    seed_list = None
-    if seeds is not None:
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    seed_list = parse_seeds(seeds)
     if out is None:
         out = latest_run() if resume else new_run_dir()
     # a resumed run keeps the settings it started with
@@ -248,9 +244,14 @@ def predict(
 def describe(
     config: str = ConfigOpt,
     text_model: str | None = TextModelOpt,
+    variants: str | None = typer.Option(
+        None, "--variants",
+        help="Also count ablation variants: names or groups (table3, table4, table6, default, all); see `almt ablate`.",
+    ),
 ) -> None:
     """Print the model's parameter counts, excluding and including the text model."""
     setup_logging(True)
+    from .ablation import select_variants, variant_config
     from .model.almt import describe_model
 
     cfg = load_cli_config(config, text_model)
@@ -259,6 +260,11 @@ def describe(
     typer.echo(f"text model:    {cfg.model.text_model} (hidden size {info['text_dim']}{info['text_note']})")
     typer.echo(f"parameters excluding the text model: {info['excluding_text']:,}")
     typer.echo(f"parameters including the text model: {info['total']:,}")
+    if variants is not None:
+        typer.echo(f"\n{'variant':<14} {'description':<28} {'excluding text':>15} {'including text':>15}")
+        for v in select_variants(variants, cfg.model):
+            counts = describe_model(variant_config(cfg, v).model)
+            typer.echo(f"{v.name:<14} {v.label:<28} {counts['excluding_text']:>15,} {counts['total']:>15,}")
 
 
 @app.command("import-weights")
@@ -282,6 +288,7 @@ def import_weights(
 
 
 cli_analyses.register(app)
+cli_explain.register(app)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from .config import BUILTIN_CONFIGS, Config, load_config, replace_config
+from .config import BUILTIN_CONFIGS, Config, load_config, parse_seed_list, replace_config
 from .errors import AlmtError
 from .utils import one_line
 
@@ -77,3 +77,8 @@ def load_cli_config(config: str | Config, text_model: str | None, **sections: di
     if text_model is not None:
         model["text_model"] = text_model
     return replace_config(cfg, model=model, **sections)
+
+
+def parse_seeds(seeds: str | None) -> list[int] | None:
+    """``--seeds 1,2,3`` as a list (None when not given)."""
+    return None if seeds is None else parse_seed_list(seeds)

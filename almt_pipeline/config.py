@@ -140,6 +140,22 @@ class ModelConfig:
     # blocks projected on the query side) instead of the reference Attention.forward: the same
     # function and parameters, faster training. false: the plain reference path.
     fast_attention: bool = True
+    # Ablations (the paper's Tables 3, 4 and 6; named variants in ablation.py). The defaults are the
+    # released model; each switch removes one part:
+    ahl: bool = True  # false: no AHL; the fusion source is the audio and vision summary tokens, concatenated
+    fusion: bool = True  # false: no fusion transformer; a linear head on the pooled language + hyper-modality
+    modality_embedding: bool = True  # false: each modality's T tokens are mean-pooled segments of its frames
+    guided_layers: list[int] | None = None  # AHL layers (1-based) guided by language; the rest are MLPs. None: all
+    drop_modalities: list[str] = field(default_factory=list)  # audio and/or vision: the model is built without it
+
+
+DROPPABLE_MODALITIES = ("audio", "vision")  # text guides AHL and is the fusion target: it cannot be removed
+
+
+def is_released_architecture(m: ModelConfig) -> bool:
+    """True when no ablation switch of ``m`` is set (the paper's full model)."""
+    return (m.ahl and m.fusion and m.modality_embedding and not m.drop_modalities
+            and (m.guided_layers is None or sorted(m.guided_layers) == list(range(1, m.ahl_depth + 1))))
 
 
 @dataclass
@@ -335,11 +351,33 @@ def _coerce(tp: Any, value: Any, source: str, where: tuple[str, ...]) -> Any:
 def check_model_config(m: ModelConfig, source: str = "model config") -> None:
     """The declared bounds of a ModelConfig built in code (loaded configs are checked on load)."""
     _check_fields(m, source, ("model",))
+    _check_model_rules(m, source)
+
+
+def _check_model_rules(m: ModelConfig, source: str) -> None:
+    """Rules between model fields: the ablation switches."""
+    for name in m.drop_modalities:
+        if name not in DROPPABLE_MODALITIES:
+            raise ConfigError(f"{source}: 'model.drop_modalities' may hold {' and '.join(DROPPABLE_MODALITIES)} "
+                              f"(text guides the model and cannot be removed), got {name!r}")
+    if len(set(m.drop_modalities)) != len(m.drop_modalities):
+        raise ConfigError(f"{source}: 'model.drop_modalities' lists a modality twice: {m.drop_modalities}")
+    if m.guided_layers is not None:
+        if len(set(m.guided_layers)) != len(m.guided_layers) or not all(
+                1 <= j <= m.ahl_depth for j in m.guided_layers):
+            raise ConfigError(f"{source}: 'model.guided_layers' must list distinct AHL layers from 1 to "
+                              f"model.ahl_depth={m.ahl_depth}, got {m.guided_layers}")
+        if not m.ahl:
+            raise ConfigError(f"{source}: 'model.guided_layers' needs model.ahl: true (there is no AHL to guide)")
+    if not m.ahl and not m.fusion and len(m.drop_modalities) == len(DROPPABLE_MODALITIES):
+        raise ConfigError(f"{source}: with model.ahl and model.fusion off and both audio and vision dropped "
+                          "nothing is left to fuse")
 
 
 def _check(cfg: Config, source: str) -> None:
     """Enforce the ``bound`` and ``choices`` declared on the fields, then cross-field rules."""
     _check_fields(cfg, source, ())
+    _check_model_rules(cfg.model, source)
     if cfg.train.seeds is not None and len(cfg.train.seeds) == 0:
         raise ConfigError(f"{source}: 'train.seeds' must list at least one seed (or be null)")
     for seed in cfg.train.seeds or ():
@@ -367,6 +405,14 @@ def _check_fields(obj: Any, source: str, where: tuple[str, ...]) -> None:
             need = f"finite and {need}"
         or_null = " (or null)" if f.default is None else ""
         raise ConfigError(f"{source}: '{key}' must be {need}{or_null}, got {value!r}")
+
+
+def parse_seed_list(text: str, what: str = "--seeds") -> list[int]:
+    """Comma-separated integer seeds, e.g. ``1111,1112,1113`` (bounds are checked with the config)."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} expects comma-separated integers, got {text!r}") from None
 
 
 def _closest(word: str, candidates: list[str]) -> str | None:

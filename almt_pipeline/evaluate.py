@@ -8,12 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .batches import amp_dtype, check_token_ids, predict_split, to_split
+import torch
+
+from .batches import Split, amp_dtype, check_token_ids, predict_split, to_split
 from .errors import ConfigError, FeatureFileError
 from .features import load_features
 from .files import atomic_write_csv
 from .metrics import format_metrics, split_metrics
-from .model.checkpoint import load_checkpoint
+from .model.checkpoint import LoadedCheckpoint, load_checkpoint
 from .schema import check_split
 from .utils import resolve_device, results_log
 
@@ -35,18 +37,8 @@ def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *,
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint_dir, dev)
+    ckpt, s = load_scored_split(checkpoint_dir, data_path, split, dev)
     batch_size = ckpt.cfg.train.eval_batch_size if batch_size is None else batch_size
-    data = load_features(data_path, model_cfg=ckpt.cfg.model, splits=(split,), require_labels=False,
-                         label_scale=ckpt.label_scale)
-    check_feature_names(ckpt.feature_meta, data.meta, Path(checkpoint_dir), Path(data_path))
-    s = to_split(split, data.splits[split])
-    text_config: Any = getattr(ckpt.model.text_encoder, "config", None)
-    if text_config is not None:
-        check_token_ids([s], int(text_config.vocab_size), ckpt.cfg.model.text_model)
-    if data.label_scale != ckpt.label_scale:
-        logger.warning("%s: label scale %s differs from the checkpoint's %s; using the checkpoint's",
-                       data_path, data.label_scale, ckpt.label_scale)
     amp = amp_dtype(ckpt.cfg.train.amp, dev) if dev.type == "cuda" else None
     pred = predict_split(ckpt.model, s, batch_size, dev, amp, quiet=quiet)
     result: dict[str, Any] = {
@@ -67,6 +59,25 @@ def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *,
         ))
         results_log.info("wrote %d predictions to %s", s.n, predictions_path)
     return result
+
+
+def load_scored_split(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, split: str,
+                      device: torch.device) -> tuple[LoadedCheckpoint, Split]:
+    """A checkpoint and one split of a feature file it can score: the file is read with the
+    checkpoint's model sizes and label scale, its features must be the ones the checkpoint was
+    trained on, and its token ids must fit the checkpoint's text model."""
+    ckpt = load_checkpoint(checkpoint_dir, device)
+    data = load_features(data_path, model_cfg=ckpt.cfg.model, splits=(split,), require_labels=False,
+                         label_scale=ckpt.label_scale)
+    check_feature_names(ckpt.feature_meta, data.meta, Path(checkpoint_dir), Path(data_path))
+    s = to_split(split, data.splits[split])
+    text_config: Any = getattr(ckpt.model.text_encoder, "config", None)
+    if text_config is not None:
+        check_token_ids([s], int(text_config.vocab_size), ckpt.cfg.model.text_model)
+    if data.label_scale != ckpt.label_scale:
+        logger.warning("%s: label scale %s differs from the checkpoint's %s; using the checkpoint's",
+                       data_path, data.label_scale, ckpt.label_scale)
+    return ckpt, s
 
 
 def check_feature_names(ckpt_meta: dict[str, Any], file_meta: dict[str, Any], ckpt_dir: Path,

@@ -39,6 +39,13 @@ SIMS_EDGES = {  # interior bin edges; a value v is in bin sum(v > edge) (right-c
     5: (-0.7, -0.1, 0.1, 0.7),
 }
 MOSI_CLIPS = {7: 3.0, 5: 2.0, 3: 1.0}  # Mult_acc_k: clip to [-c, c], round
+# the columns analysis tables show, per canonical scale: (metric key, heading as papers write it)
+HEADLINE_METRICS = {
+    "mosi": (("MAE", "MAE"), ("Corr", "Corr"), ("Non0_acc_2", "Acc-2"), ("Non0_F1_score", "F1"),
+             ("Mult_acc_7", "Acc-7")),
+    "sims": (("MAE", "MAE"), ("Corr", "Corr"), ("Mult_acc_2", "Acc-2"), ("F1_score", "F1"),
+             ("Mult_acc_5", "Acc-5")),
+}
 
 
 def canonical_scale(scale: str) -> str:

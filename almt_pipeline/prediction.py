@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .config import Config, config_from_dict, config_to_dict
 from .errors import AlmtError, CheckpointError
 from .extractors.asr import Transcriber
-from .extractors.clip import ClipExtractor, ClipFailure, TranscriberLike, run_guarded
+from .extractors.clip import ClipExtractor, ClipFailure, ClipResult, TranscriberLike, run_guarded
 from .extractors.dataset import ClipSpec, list_plain_clips
 from .extractors.text import TextFeaturizer, TextWindow
 from .features import fit_length
@@ -148,11 +148,7 @@ class Predictor:
             transcript_source = "given"
         result = self.extractor(clip, transcript=transcript, transcript_source=transcript_source)
         t = time.perf_counter()
-        if result.text_truncated:
-            text_windows = self.text.windows(result.raw_text)
-        else:  # the whole transcript fits: the clip as a whole, as `almt extract` lays it out
-            n = int(result.text_bert[1].sum()) - 2  # attention mask minus [CLS] and [SEP]
-            text_windows = [TextWindow(result.text_bert, max(n, 0), 0.0, 1.0)]
+        text_windows = self._text_windows(result)
         scores = self._score_windows(text_windows, result.audio, result.vision)
         windows = [Window(w.start * result.duration, w.end * result.duration, w.tokens, s)
                    for w, s in zip(text_windows, scores, strict=True)]
@@ -169,23 +165,45 @@ class Predictor:
             windows=windows, timings=timings,
         )
 
-    def _score_windows(self, windows: Sequence[TextWindow], audio: np.ndarray, vision: np.ndarray) -> list[float]:
-        """The model's score for each window with its stretch of the audio (T_a, d_a) and video
+    def inputs(self, clip: str | Path, transcript: str | None = None) -> tuple[
+            ClipResult, list[TextWindow], tuple[torch.Tensor, ...]]:
+        """What :meth:`predict` feeds the model for ``clip``: its features, its text windows (one
+        when the transcript fits) and the model's inputs, one row per window, on the predictor's
+        device: text_bert (W, 3, L), audio (W, T_a, d_a), vision (W, T_v, d_v), audio and vision
+        lengths (W,). Row i scores window i; :func:`weighted_score` of those is the clip's score."""
+        result = self.extractor(clip, transcript=transcript, transcript_source=None if transcript is None else "given")
+        windows = self._text_windows(result)
+        return result, windows, self._window_inputs(windows, result.audio, result.vision)
+
+    def _text_windows(self, result: ClipResult) -> list[TextWindow]:
+        if result.text_truncated:
+            return self.text.windows(result.raw_text)
+        # the whole transcript fits: the clip as a whole, as `almt extract` lays it out
+        n = int(result.text_bert[1].sum()) - 2  # attention mask minus [CLS] and [SEP]
+        return [TextWindow(result.text_bert, max(n, 0), 0.0, 1.0)]
+
+    def _window_inputs(self, windows: Sequence[TextWindow], audio: np.ndarray,
+                       vision: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The model's inputs for windows with their stretch of the audio (T_a, d_a) and video
         (T_v, d_v) frames, pooled or padded to the model's lengths."""
         m, dev = self.cfg.model, self.device
+        a = [fit_length(frame_span(audio, w.start, w.end), m.audio_len) for w in windows]
+        v = [fit_length(frame_span(vision, w.start, w.end), m.vision_len) for w in windows]
+        return (
+            torch.from_numpy(np.stack([w.text_bert for w in windows])).to(dev),  # (B, 3, L)
+            torch.from_numpy(np.stack([x for x, _ in a])).to(dev),  # (B, T_a, d_a)
+            torch.from_numpy(np.stack([x for x, _ in v])).to(dev),  # (B, T_v, d_v)
+            torch.tensor([n for _, n in a], device=dev),  # (B,)
+            torch.tensor([n for _, n in v], device=dev),  # (B,)
+        )
+
+    def _score_windows(self, windows: Sequence[TextWindow], audio: np.ndarray, vision: np.ndarray) -> list[float]:
+        """The model's score for each window (see :meth:`_window_inputs`)."""
         scores: list[float] = []
         for first in range(0, len(windows), WINDOW_BATCH):
-            batch = windows[first:first + WINDOW_BATCH]
-            a = [fit_length(frame_span(audio, w.start, w.end), m.audio_len) for w in batch]
-            v = [fit_length(frame_span(vision, w.start, w.end), m.vision_len) for w in batch]
+            text_bert, a, v, a_len, v_len = self._window_inputs(windows[first:first + WINDOW_BATCH], audio, vision)
             with torch.inference_mode():
-                out = self.checkpoint.model(
-                    torch.from_numpy(np.stack([w.text_bert for w in batch])).to(dev),  # (B, 3, L)
-                    torch.from_numpy(np.stack([x for x, _ in a])).to(dev),  # (B, T_a, d_a)
-                    torch.from_numpy(np.stack([x for x, _ in v])).to(dev),  # (B, T_v, d_v)
-                    audio_lengths=torch.tensor([n for _, n in a], device=dev),
-                    vision_lengths=torch.tensor([n for _, n in v], device=dev),
-                )
+                out = self.checkpoint.model(text_bert, a, v, audio_lengths=a_len, vision_lengths=v_len)
             scores += [float(x) for x in out.reshape(-1).cpu()]
         return scores
 

@@ -181,6 +181,11 @@ def _remove_unfinished(run_dir: Path, missing: list[Path]) -> None:
     logger.info("%s: removed the unfinished run (no epoch finished)", run_dir)
 
 
+def config_differences(a: Config, b: Config) -> list[str]:
+    """``key: old -> new`` for every setting that differs between two configs."""
+    return _dict_diff(config_to_dict(a), config_to_dict(b))
+
+
 def _dict_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):

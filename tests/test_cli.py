@@ -18,7 +18,8 @@ def invoke(*args):
 def test_help_lists_every_command():
     r = invoke("--help")
     assert r.exit_code == 0
-    for cmd in ("extract", "train", "evaluate", "predict", "describe", "import-weights"):
+    for cmd in ("extract", "train", "evaluate", "predict", "describe", "import-weights",
+                "robustness", "ablate", "explain"):
         assert cmd in r.output
 
 

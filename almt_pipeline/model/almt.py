@@ -30,7 +30,9 @@ Two attention paths, same parameters, same function (``cfg.fast_attention`` choo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,164 +40,10 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, check_model_config
 from ..errors import ConfigError, TextModelError
+from .layers import Block, FeedForward, attention_probabilities, merge_heads, split_heads
 from .text_encoder import load_text_config
 
-
-def _folded(norm: nn.LayerNorm, proj: nn.Linear) -> tuple[Tensor, Tensor]:
-    """Weight and bias with ``proj(norm(x)) == F.linear(layer_norm(x) without affine, w, b)``."""
-    return proj.weight * norm.weight, proj.weight @ norm.bias  # (out, D), (out,)
-
-
-def split_heads(t: Tensor, heads: int) -> Tensor:
-    """(B, n, h*e) -> (B, h, n, e)."""
-    b, n, inner = t.shape
-    return t.view(b, n, heads, inner // heads).transpose(1, 2)
-
-
-def merge_heads(t: Tensor) -> Tensor:
-    """(B, h, n, e) -> (B, n, h*e)."""
-    b, h, n, e = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * e)
-
-
-class Attention(nn.Module):
-    """Pre-norm multi-head attention: LayerNorms on query, key and value inputs, bias-free
-    Q/K/V projections to ``heads * dim_head``, softmax attention, ``Linear(inner -> dim)``.
-
-    ``forward`` is the reference computation, written as the paper states it; ``forward_fast``
-    computes the same function with the LayerNorm affines folded into the projections and, when
-    only a few query rows are wanted, the key/value projections moved to the query side. Both
-    return the attention output without the residual and take the same arguments.
-    """
-
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        inner = heads * dim_head
-        self.heads, self.dim_head = heads, dim_head
-        self.norm_q, self.norm_k, self.norm_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def _split(self, t: Tensor) -> Tensor:
-        return split_heads(t, self.heads)
-
-    def forward(
-        self, x: Tensor, src: Tensor | None = None, key_mask: Tensor | None = None,
-        n_queries: int | None = None,
-    ) -> Tensor:
-        """x (B, N, D) queries; src (B, S, D) keys/values (None: self-attention over x);
-        key_mask (B, 1, 1, S) bool, True = attend; n_queries: only query x[:, :n_queries].
-        Returns (B, N or n_queries, D)."""
-        src = x if src is None else src  # (B, S, D)
-        if n_queries is not None:
-            x = x[:, :n_queries]  # (B, n, D)
-        q = self._split(self.to_q(self.norm_q(x)))  # (B, h, N, e)
-        k = self._split(self.to_k(self.norm_k(src)))  # (B, h, S, e)
-        v = self._split(self.to_v(self.norm_v(src)))  # (B, h, S, e)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, h, N, e)
-        return self.drop(self.to_out(merge_heads(out)))  # (B, N, D)
-
-    def forward_fast(
-        self, x: Tensor, src: Tensor | None = None, key_mask: Tensor | None = None,
-        n_queries: int | None = None,
-    ) -> Tensor:
-        """Same arguments and result as :meth:`forward`, fewer operations.
-
-        The three LayerNorms share one normalisation of their input and their affines are folded
-        into the projection weights, so Q, K and V come from one matmul (self-attention) or two
-        (cross-attention). Self-attention with ``n_queries`` goes to :meth:`_fast_few_queries`.
-        """
-        if src is None and n_queries is not None:
-            return self._fast_few_queries(x, n_queries, key_mask)
-        if n_queries is not None:
-            x = x[:, :n_queries]  # (B, n, D)
-        wq, bq = _folded(self.norm_q, self.to_q)
-        wk, bk = _folded(self.norm_k, self.to_k)
-        wv, bv = _folded(self.norm_v, self.to_v)
-        if src is None:  # one normalisation, one matmul for Q, K and V
-            qkv = F.linear(self._normalise(x), torch.cat([wq, wk, wv]), torch.cat([bq, bk, bv]))
-            q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, N, h*e)
-        else:
-            q = F.linear(self._normalise(x), wq, bq)  # (B, N, h*e)
-            kv = F.linear(self._normalise(src), torch.cat([wk, wv]), torch.cat([bk, bv]))  # (B, S, 2*h*e)
-            k, v = kv.chunk(2, dim=-1)  # 2 x (B, S, h*e)
-        out = F.scaled_dot_product_attention(
-            self._split(q), self._split(k), self._split(v), attn_mask=key_mask
-        )  # (B, h, N, e)
-        return self.drop(self.to_out(merge_heads(out)))  # (B, N, D)
-
-    def _normalise(self, x: Tensor) -> Tensor:
-        """LayerNorm without its affine (the three norms share ``eps``): (B, N, D) -> (B, N, D)."""
-        return F.layer_norm(x, x.shape[-1:], eps=self.norm_q.eps)
-
-    def _fast_few_queries(self, x: Tensor, n: int, key_mask: Tensor | None) -> Tensor:
-        """Fast self-attention where only x[:, :n] is queried, keys/values projected on the query side.
-
-        score(i, j) = q_i . W_k (g_k * x^_j + b_k) = (g_k * W_k^T q_i) . x^_j + const(i), and the
-        constant drops out of the softmax (so ``norm_k.bias`` gets no gradient here; its gradient
-        in :meth:`forward` is zero too); sum_j a_ij W_v (g_v * x^_j + b_v) =
-        W_v (g_v * sum_j a_ij x^_j + b_v) because the weights sum to one.
-        x (B, N, D) -> (B, n, D).
-        """
-        b, _, dim = x.shape
-        h, e = self.heads, self.dim_head
-        x_hat = self._normalise(x)  # (B, N, D)
-        wq, bq = _folded(self.norm_q, self.to_q)
-        q = F.linear(x_hat[:, :n], wq, bq).view(b, n, h, e)  # (B, n, h, e)
-        wk = self.to_k.weight.view(h, e, dim)  # (h, e, D)
-        q_in = torch.einsum("bnhe,hed->bhnd", q, wk) * self.norm_k.weight  # (B, h, n, D)
-        kv = x_hat.unsqueeze(1)  # (B, 1, N, D)
-        ctx = F.scaled_dot_product_attention(
-            q_in.reshape(b, 1, h * n, dim), kv, kv, attn_mask=key_mask, scale=e**-0.5
-        )  # (B, 1, h*n, D)
-        ctx = ctx.view(b, h, n, dim) * self.norm_v.weight + self.norm_v.bias  # (B, h, n, D)
-        wv = self.to_v.weight.view(h, e, dim)  # (h, e, D)
-        out = torch.einsum("bhnd,hed->bnhe", ctx, wv).reshape(b, n, h * e)  # (B, n, h*e)
-        return self.drop(self.to_out(out))  # (B, n, D)
-
-
-class FeedForward(nn.Module):
-    """Pre-norm MLP: LN -> Linear(D -> mlp) -> GELU -> Linear(mlp -> D)."""
-
-    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, mlp_dim)
-        self.fc2 = nn.Linear(mlp_dim, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, N, D)
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.norm(x))))))
-
-
-class Block(nn.Module):
-    """x = x + Attn(x, src); x = x + FF(x). Self-attention when ``src`` is None.
-
-    ``fast_attention`` picks :meth:`Attention.forward_fast` instead of the reference
-    :meth:`Attention.forward`; the parameters are the same either way.
-    """
-
-    def __init__(
-        self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0,
-        fast_attention: bool = False,
-    ) -> None:
-        super().__init__()
-        self.attn = Attention(dim, heads, dim_head, dropout)
-        self.ff = FeedForward(dim, mlp_dim, dropout)
-        self.fast_attention = fast_attention
-
-    def forward(
-        self, x: Tensor, src: Tensor | None = None, key_mask: Tensor | None = None,
-        n_queries: int | None = None,
-    ) -> Tensor:
-        """x (B, N, D) -> (B, N, D), or (B, n_queries, D) when only the first outputs are needed."""
-        residual = x if n_queries is None else x[:, :n_queries]  # (B, N or n_queries, D)
-        attend = self.attn.forward_fast if self.fast_attention else self.attn
-        x = residual + attend(x, src, key_mask, n_queries)
-        return x + self.ff(x)
+Trace = dict[str, Any]  # attention maps collected by ``ALMT.forward(..., trace={})``
 
 
 class ModalityEmbedding(nn.Module):
@@ -215,9 +63,10 @@ class ModalityEmbedding(nn.Module):
             for _ in range(cfg.embed_depth)
         )
 
-    def forward(self, x: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, frame_mask: Tensor | None = None, trace: list[Tensor] | None = None) -> Tensor:
         """x (B, T_m, d_m); frame_mask (B, T_m) bool, True = real frame (None: all attend).
-        Returns (B, T, D)."""
+        Returns (B, T, D). With ``trace`` (a list), appends the last block's attention of the T
+        summary tokens over its keys, heads averaged: (B, T, T + T_m), keys = tokens then frames."""
         b, t_m, _ = x.shape
         n = self.n_tokens
         h = torch.cat([self.tokens.expand(b, -1, -1), self.proj(x)], dim=1)  # (B, T + T_m, D)
@@ -230,44 +79,117 @@ class ModalityEmbedding(nn.Module):
             return h[:, :n]
         for blk in self.blocks[:-1]:
             h = blk(h, key_mask=key_mask)  # (B, T + T_m, D)
-        return self.blocks[-1](h, key_mask=key_mask, n_queries=n)  # (B, T, D)
+        last = self.blocks[-1]
+        assert isinstance(last, Block)
+        if trace is not None:
+            trace.append(last.attn.weights(h, key_mask=key_mask, n_queries=n).mean(1))  # (B, T, T + T_m)
+        return last(h, key_mask=key_mask, n_queries=n)  # (B, T, D)
+
+
+class PooledEmbedding(nn.Module):
+    """The "without modality embedding" ablation: Linear(d_m -> D) plus a positional embedding,
+    then the sequence is cut into T equal segments and each segment's real frames are averaged
+    into one token (no transformer, no learnable tokens)."""
+
+    def __init__(self, in_dim: int, max_len: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_tokens = cfg.n_tokens
+        self.max_len = max_len
+        self.proj = nn.Linear(in_dim, cfg.dim)
+        self.pos = nn.Parameter(torch.randn(1, max_len, cfg.dim))  # (1, T_max, D)
+
+    def forward(self, x: Tensor, frame_mask: Tensor | None = None, trace: list[Tensor] | None = None) -> Tensor:
+        """x (B, T_m, d_m); frame_mask (B, T_m) bool or None. Returns (B, T, D). With ``trace``,
+        appends each token's pooling weights over the frames: (B, T, T_m), rows summing to 1 (to 0
+        for a segment without a real frame)."""
+        b, t_m, _ = x.shape
+        h = self.proj(x) + self.pos[:, :t_m]  # (B, T_m, D)
+        w = torch.ones(b, t_m, device=x.device, dtype=h.dtype) if frame_mask is None else frame_mask.to(h.dtype)
+        # segment j of T covers frames [floor(j T_m / T), ceil((j + 1) T_m / T)), as adaptive pooling does
+        starts = [(j * t_m) // self.n_tokens for j in range(self.n_tokens)]
+        ends = [-((-(j + 1) * t_m) // self.n_tokens) for j in range(self.n_tokens)]
+        frames = torch.arange(t_m, device=x.device)  # (T_m,)
+        seg = torch.stack([(frames >= s) & (frames < e) for s, e in zip(starts, ends)]).to(h.dtype)  # (T, T_m)
+        weights = seg[None] * w[:, None, :]  # (B, T, T_m)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # mean of the segment's real frames
+        if trace is not None:
+            trace.append(weights)
+        return weights @ h  # (B, T, D)
 
 
 class AHLLayer(nn.Module):
     """Adaptive hyper-modality learning layer: language queries attend to audio and to vision;
-    H_hyper^j = LN4(H_hyper^(j-1)) + Linear_out(attn_audio + attn_vision)."""
+    H_hyper^j = LN4(H_hyper^(j-1)) + Linear_out(attn_audio + attn_vision). A modality listed in
+    ``dropped`` has no keys, values or LayerNorm here (the "without audio/vision" ablations)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0,
+                 dropped: Sequence[str] = ()) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head = heads, dim_head
-        self.norm_lang, self.norm_audio = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.norm_vision, self.norm_hyper = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.has_audio, self.has_vision = "audio" not in dropped, "vision" not in dropped
+        self.norm_lang = nn.LayerNorm(dim)
+        self.norm_audio = nn.LayerNorm(dim) if self.has_audio else None
+        self.norm_vision = nn.LayerNorm(dim) if self.has_vision else None
+        self.norm_hyper = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k_audio = nn.Linear(dim, inner, bias=False)
-        self.to_v_audio = nn.Linear(dim, inner, bias=False)
-        self.to_k_vision = nn.Linear(dim, inner, bias=False)
-        self.to_v_vision = nn.Linear(dim, inner, bias=False)
+        self.to_k_audio = nn.Linear(dim, inner, bias=False) if self.has_audio else None
+        self.to_v_audio = nn.Linear(dim, inner, bias=False) if self.has_audio else None
+        self.to_k_vision = nn.Linear(dim, inner, bias=False) if self.has_vision else None
+        self.to_v_vision = nn.Linear(dim, inner, bias=False) if self.has_vision else None
         self.to_out = nn.Linear(inner, dim)
         self.drop = nn.Dropout(dropout)
 
     def _split(self, t: Tensor) -> Tensor:
         return split_heads(t, self.heads)
 
-    def forward(self, h_l: Tensor, h_a: Tensor, h_v: Tensor, hyper: Tensor) -> Tensor:
-        """h_l, h_a, h_v, hyper: (B, T, D) -> new hyper (B, T, D)."""
+    def _streams(self, h_a: Tensor | None, h_v: Tensor | None) -> list[tuple[str, Tensor, Tensor]]:
+        """(name, keys, values) of the modalities this layer attends to: 2 x (B, h, T, e) each."""
+        out = []
+        for name, x, norm, to_k, to_v in (
+            ("audio", h_a, self.norm_audio, self.to_k_audio, self.to_v_audio),
+            ("vision", h_v, self.norm_vision, self.to_k_vision, self.to_v_vision),
+        ):
+            if norm is not None and to_k is not None and to_v is not None and x is not None:
+                normed = norm(x)  # (B, T, D)
+                out.append((name, self._split(to_k(normed)), self._split(to_v(normed))))
+        return out
+
+    def forward(self, h_l: Tensor, h_a: Tensor | None, h_v: Tensor | None, hyper: Tensor,
+                trace: dict[str, Tensor] | None = None) -> Tensor:
+        """h_l, h_a, h_v, hyper: (B, T, D) (h_a / h_v None when dropped) -> new hyper (B, T, D).
+        With ``trace`` (a dict), stores the language -> audio ("audio", alpha) and language ->
+        vision ("vision", beta) attention, heads averaged: (B, T, T) each."""
         q = self._split(self.to_q(self.norm_lang(h_l)))  # (B, h, T, e)
-        audio = self.norm_audio(h_a)  # (B, T, D)
-        k_a, v_a = self._split(self.to_k_audio(audio)), self._split(self.to_v_audio(audio))  # 2 x (B, h, T, e)
-        vision = self.norm_vision(h_v)  # (B, T, D)
-        k_v, v_v = self._split(self.to_k_vision(vision)), self._split(self.to_v_vision(vision))  # 2 x (B, h, T, e)
-        out = F.scaled_dot_product_attention(q, k_a, v_a) + \
-            F.scaled_dot_product_attention(q, k_v, v_v)  # (B, h, T, e)
+        out = torch.zeros_like(q)  # (B, h, T, e)
+        for name, k, v in self._streams(h_a, h_v):
+            out = out + F.scaled_dot_product_attention(q, k, v)  # (B, h, T, e)
+            if trace is not None:
+                trace[name] = attention_probabilities(q, k).mean(1)  # (B, T, T)
         return self.norm_hyper(hyper) + self.drop(self.to_out(merge_heads(out)))
 
 
+class UnguidedLayer(nn.Module):
+    """An AHL layer without language guidance (paper Table 6): H_hyper^j = LN(H_hyper^(j-1)) +
+    MLP(H_hyper^(j-1)), the MLP pre-norm with hidden width ``ahl_heads * ahl_dim_head``."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm_hyper = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, hidden, dropout)
+
+    def forward(self, h_l: Tensor, h_a: Tensor | None, h_v: Tensor | None, hyper: Tensor,
+                trace: dict[str, Tensor] | None = None) -> Tensor:
+        return self.norm_hyper(hyper) + self.ff(hyper)  # (B, T, D)
+
+
 class ALMT(nn.Module):
-    """ALMT over a BERT-architecture text encoder; ``forward`` returns one score per sample."""
+    """ALMT over a BERT-architecture text encoder; ``forward`` returns one score per sample.
+
+    The ablation switches of :class:`ModelConfig` (``ahl``, ``fusion``, ``modality_embedding``,
+    ``guided_layers``, ``drop_modalities``) remove parts; with their defaults this is the released
+    model, parameter for parameter and in the same creation order.
+    """
 
     def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_dim: int) -> None:
         super().__init__()
@@ -275,10 +197,12 @@ class ALMT(nn.Module):
         self.cfg = cfg
         self.text_dim = text_dim
         d, n = cfg.dim, cfg.n_tokens
+        self.modalities = [m for m in ("audio", "vision") if m not in cfg.drop_modalities]
+        embedding = ModalityEmbedding if cfg.modality_embedding else PooledEmbedding
         self.text_encoder = text_encoder
-        self.embed_text = ModalityEmbedding(text_dim, cfg.text_len, cfg)
-        self.embed_audio = ModalityEmbedding(cfg.audio_dim, cfg.audio_len, cfg)
-        self.embed_vision = ModalityEmbedding(cfg.vision_dim, cfg.vision_len, cfg)
+        self.embed_text = embedding(text_dim, cfg.text_len, cfg)
+        self.embed_audio = embedding(cfg.audio_dim, cfg.audio_len, cfg) if "audio" in self.modalities else None
+        self.embed_vision = embedding(cfg.vision_dim, cfg.vision_len, cfg) if "vision" in self.modalities else None
         # language scales H_l^1..H_l^ahl_depth
         self.lang_pos = nn.Parameter(torch.randn(1, n, d))  # (1, T, D)
         self.lang_blocks = nn.ModuleList(
@@ -286,19 +210,24 @@ class ALMT(nn.Module):
             for _ in range(cfg.ahl_depth - 1)
         )
         # adaptive hyper-modality learning
-        self.hyper = nn.Parameter(torch.ones(1, n, d))  # (1, T, D)
+        self.hyper = nn.Parameter(torch.ones(1, n, d)) if cfg.ahl else None  # (1, T, D)
+        guided = range(1, cfg.ahl_depth + 1) if cfg.guided_layers is None else cfg.guided_layers
         self.ahl = nn.ModuleList(
-            AHLLayer(d, cfg.ahl_heads, cfg.ahl_dim_head, cfg.dropout) for _ in range(cfg.ahl_depth)
-        )
+            AHLLayer(d, cfg.ahl_heads, cfg.ahl_dim_head, cfg.dropout, cfg.drop_modalities) if j in guided
+            else UnguidedLayer(d, cfg.ahl_heads * cfg.ahl_dim_head, cfg.dropout)
+            for j in range(1, cfg.ahl_depth + 1)
+        ) if cfg.ahl else nn.ModuleList()
         # cross-modality fusion: hyper-modality (source) -> language (target)
-        self.fusion_token = nn.Parameter(torch.zeros(1, 1, d))  # (1, 1, D)
-        self.fusion_pos_src = nn.Parameter(torch.randn(1, n + 1, d))  # (1, T + 1, D)
-        self.fusion_pos_tgt = nn.Parameter(torch.randn(1, n + 1, d))  # (1, T + 1, D)
+        n_src = n if cfg.ahl else n * len(self.modalities)  # source tokens without the fusion token
+        self.fusion_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.fusion else None  # (1, 1, D)
+        self.fusion_pos_src = nn.Parameter(torch.randn(1, n_src + 1, d)) if cfg.fusion else None  # (1, S + 1, D)
+        self.fusion_pos_tgt = nn.Parameter(torch.randn(1, n + 1, d)) if cfg.fusion else None  # (1, T + 1, D)
         self.fusion_blocks = nn.ModuleList(
             Block(d, cfg.fusion_heads, cfg.fusion_dim_head, cfg.fusion_mlp_dim, cfg.dropout, cfg.fast_attention)
-            for _ in range(cfg.fusion_depth)
+            for _ in range(cfg.fusion_depth if cfg.fusion else 0)
         )
-        self.head = nn.Linear(d, 1)
+        # regression head: the fusion token, or [pooled language; pooled source] without fusion
+        self.head = nn.Linear(d if cfg.fusion else 2 * d, 1)
 
     def _check_inputs(self, text_bert: Tensor, audio: Tensor, vision: Tensor) -> None:
         cfg = self.cfg
@@ -330,9 +259,16 @@ class ALMT(nn.Module):
     def forward(
         self, text_bert: Tensor, audio: Tensor, vision: Tensor,
         audio_lengths: Tensor | None = None, vision_lengths: Tensor | None = None,
+        trace: Trace | None = None,
     ) -> Tensor:
         """text_bert (B, 3, L) float ids / attention mask / segment ids; audio (B, T_a, d_a);
-        vision (B, T_v, d_v); lengths (B,) used only when ``cfg.masked``. Returns (B,)."""
+        vision (B, T_v, d_v); lengths (B,) used only when ``cfg.masked``. Returns (B,).
+
+        ``trace`` (an empty dict) receives, for analysis: ``"summary"``: per modality, the summary
+        tokens' attention over that modality's inputs (see the embeddings' ``forward``);
+        ``"ahl"``: one dict per AHL layer with "audio" (alpha) and "vision" (beta) maps (B, T, T)
+        (empty for a layer not guided by language; no key for a dropped modality).
+        """
         self._check_inputs(text_bert, audio, vision)
         b = text_bert.shape[0]
         ids, attn_mask, segments = text_bert.long().unbind(1)  # 3 x (B, L)
@@ -348,20 +284,36 @@ class ALMT(nn.Module):
             input_ids=ids, attention_mask=attn_mask, token_type_ids=segments
         )[0]  # (B, L, H)
 
-        h_l = self.embed_text(text, text_mask)  # (B, T, D)
-        h_a = self.embed_audio(audio, a_mask)  # (B, T, D)
-        h_v = self.embed_vision(vision, v_mask)  # (B, T, D)
+        summary: dict[str, list[Tensor]] | None = None if trace is None else {m: [] for m in ("text", *self.modalities)}
+        h_l = self.embed_text(text, text_mask, None if summary is None else summary["text"])  # (B, T, D)
+        h_a = h_v = None
+        if self.embed_audio is not None:
+            h_a = self.embed_audio(audio, a_mask, None if summary is None else summary["audio"])  # (B, T, D)
+        if self.embed_vision is not None:
+            h_v = self.embed_vision(vision, v_mask, None if summary is None else summary["vision"])  # (B, T, D)
 
         scales = [h_l + self.lang_pos]  # H_l^1 (B, T, D)
         for blk in self.lang_blocks:
             scales.append(blk(scales[-1]))  # H_l^(j+1) (B, T, D)
 
-        hyper = self.hyper.expand(b, -1, -1)  # (B, T, D)
-        for layer, h_lang in zip(self.ahl, scales):
-            hyper = layer(h_lang, h_a, h_v, hyper)  # (B, T, D)
-
+        layer_maps: list[dict[str, Tensor]] = []
+        if self.hyper is not None:
+            source = self.hyper.expand(b, -1, -1)  # (B, T, D)
+            for layer, h_lang in zip(self.ahl, scales):
+                maps: dict[str, Tensor] = {}
+                source = layer(h_lang, h_a, h_v, source, maps if trace is not None else None)  # (B, T, D)
+                layer_maps.append(maps)
+        else:  # without AHL: the audio and vision summary tokens side by side
+            source = torch.cat([h for h in (h_a, h_v) if h is not None] or [scales[-1][:, :0]], dim=1)  # (B, S, D)
+        if trace is not None and summary is not None:
+            trace["summary"] = {m: v[0] for m, v in summary.items() if v}
+            trace["ahl"] = layer_maps
+        if self.fusion_token is None or self.fusion_pos_src is None or self.fusion_pos_tgt is None:
+            pooled = torch.cat([scales[-1].mean(1), source.mean(1) if source.shape[1] else torch.zeros_like(
+                scales[-1][:, 0])], dim=-1)  # (B, 2D)
+            return self.head(pooled).squeeze(-1)  # (B,)
         token = self.fusion_token.expand(b, -1, -1)  # (B, 1, D)
-        src = torch.cat([token, hyper], dim=1) + self.fusion_pos_src  # (B, T + 1, D)
+        src = torch.cat([token, source], dim=1) + self.fusion_pos_src  # (B, S + 1, D)
         tgt = torch.cat([token, scales[-1]], dim=1) + self.fusion_pos_tgt  # (B, T + 1, D)
         for i, blk in enumerate(self.fusion_blocks):
             last = i == len(self.fusion_blocks) - 1
@@ -379,8 +331,9 @@ def count_parameters(model: ALMT) -> tuple[int, int]:
 
 def almt_parameter_count(m: ModelConfig, text_dim: int) -> int:
     """Parameters of ``ALMT(m, text_encoder, text_dim)`` outside the text encoder, from the sizes
-    alone (the layers of model/almt.py; nothing is built)."""
+    alone (the layers of model/almt.py, ablation switches included; nothing is built)."""
     d, t = m.dim, m.n_tokens
+    n_mod = 2 - len(m.drop_modalities)  # audio and vision streams kept
 
     def block(heads: int, dim_head: int, mlp: int) -> int:
         inner = heads * dim_head
@@ -388,19 +341,27 @@ def almt_parameter_count(m: ModelConfig, text_dim: int) -> int:
         return attention + 2 * d + (d * mlp + mlp) + (mlp * d + d)  # + LayerNorm, MLP
 
     def embedding(width: int, length: int) -> int:  # projection, tokens, positions, blocks
+        if not m.modality_embedding:  # projection and positions only
+            return (width * d + d) + length * d
         blocks = m.embed_depth * block(m.embed_heads, m.embed_dim_head, m.embed_mlp_dim)
         return (width * d + d) + t * d + (t + length) * d + blocks
 
     ahl_inner = m.ahl_heads * m.ahl_dim_head
-    ahl_layer = 4 * 2 * d + 5 * d * ahl_inner + (ahl_inner * d + d)  # 4 LayerNorms, 5 projections, output
+    # language and hyper LayerNorms, per kept modality one LayerNorm and K/V; the query and output projections
+    ahl_layer = 2 * 2 * d + n_mod * (2 * d + 2 * d * ahl_inner) + d * ahl_inner + (ahl_inner * d + d)
+    unguided_layer = 2 * d + 2 * d + (d * ahl_inner + ahl_inner) + (ahl_inner * d + d)  # LayerNorm + MLP
+    guided = m.ahl_depth if m.guided_layers is None else len(m.guided_layers)
+    ahl = t * d + guided * ahl_layer + (m.ahl_depth - guided) * unguided_layer if m.ahl else 0
+    n_src = t if m.ahl else t * n_mod
+    fusion = (d + (n_src + 1) * d + (t + 1) * d  # fusion token and positions
+              + m.fusion_depth * block(m.fusion_heads, m.fusion_dim_head, m.fusion_mlp_dim)) if m.fusion else 0
+    head = (d if m.fusion else 2 * d) + 1
     return (
-        embedding(text_dim, m.text_len) + embedding(m.audio_dim, m.audio_len)
-        + embedding(m.vision_dim, m.vision_len)
+        embedding(text_dim, m.text_len)
+        + (0 if "audio" in m.drop_modalities else embedding(m.audio_dim, m.audio_len))
+        + (0 if "vision" in m.drop_modalities else embedding(m.vision_dim, m.vision_len))
         + t * d + (m.ahl_depth - 1) * block(m.lang_heads, m.lang_dim_head, m.lang_mlp_dim)  # language scales
-        + t * d + m.ahl_depth * ahl_layer  # hyper-modality and AHL layers
-        + d + 2 * (t + 1) * d  # fusion token and positions
-        + m.fusion_depth * block(m.fusion_heads, m.fusion_dim_head, m.fusion_mlp_dim)
-        + d + 1  # regression head
+        + ahl + fusion + head
     )
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import Config
-from ..errors import CheckpointError
+from ..config import Config, is_released_architecture
+from ..errors import CheckpointError, ConfigError
 from ..utils import one_line
 from .almt import ALMT
 from .checkpoint import save_checkpoint
@@ -273,6 +273,9 @@ def import_weights(path: str | Path, fmt: str, cfg: Config, text_model: str | No
     """
     if fmt not in FORMATS:
         raise CheckpointError(f"{path}: unknown weights format {fmt!r} (use {' or '.join(FORMATS)})")
+    if not is_released_architecture(cfg.model):
+        raise ConfigError(f"{path}: released weights are the full model; the config sets an ablation switch "
+                          "(model.ahl, fusion, modality_embedding, guided_layers or drop_modalities)")
     sd = load_state_dict_file(path)
     if text_model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_model=text_model))
