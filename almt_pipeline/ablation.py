@@ -5,9 +5,10 @@ Each variant is the config's model with one ablation switch of :class:`~.config.
 (the paper's tables; the switches are documented on the fields and in :mod:`.model.almt`):
 
 - Table 3, modalities: ``no-audio`` and ``no-vision`` build and train the model without that
-  modality (no embedding, no AHL keys/values for it); ``text-only`` drops both.
+  modality (no embedding, no AHL keys/values for it); ``text-only`` drops both, and with them AHL
+  (which would have nothing to attend to): the fusion transformer attends to the language tokens.
 - Table 4, components: ``no-ahl`` (no adaptive hyper-modality learning: the fusion transformer's
-  source is the audio and vision summary tokens side by side), ``no-fusion`` (no cross-modality
+  source is the language, audio and vision summary tokens concatenated), ``no-fusion`` (no cross-modality
   fusion transformer: a linear head on the token-averaged last language scale and
   hyper-modality), ``no-embedding`` (no modality-embedding transformer: each modality's T tokens
   are averages of T equal segments of its projected frames).
@@ -27,6 +28,7 @@ epoch), ``ablation.json`` (the same plus each variant's model switches and run f
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -36,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, ModelConfig, replace_config
+from .config import Config, ModelConfig, is_released_architecture, replace_config
 from .errors import ConfigError
 from .files import atomic_write, atomic_write_csv, atomic_write_json, check_writable
 from .metrics import HEADLINE_METRICS, canonical_scale
-from .utils import results_log
+from .utils import one_line, results_log
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def all_variants(m: ModelConfig) -> dict[str, Variant]:
         Variant("full", "ALMT (full)", ""),
         Variant("no-audio", "w/o audio", "3", {"drop_modalities": ["audio"]}),
         Variant("no-vision", "w/o vision", "3", {"drop_modalities": ["vision"]}),
-        Variant("text-only", "w/o audio & vision", "3", {"drop_modalities": ["audio", "vision"]}),
+        Variant("text-only", "w/o audio & vision", "3", {"drop_modalities": ["audio", "vision"], "ahl": False}),
         Variant("no-ahl", "w/o AHL", "4", {"ahl": False}),
         Variant("no-fusion", "w/o fusion transformer", "4", {"fusion": False}),
         Variant("no-embedding", "w/o modality embedding", "4", {"modality_embedding": False}),
@@ -118,13 +120,18 @@ def ablate(cfg: Config, data_path: str | os.PathLike, variants: Sequence[Variant
     from .runs import read_summary
     from .train import train
 
+    if not is_released_architecture(cfg.model):
+        raise ConfigError(f"{cfg.name}: ablate starts from the full model; remove the ablation switches (model.ahl, "
+                          "fusion, modality_embedding, guided_layers, drop_modalities) from the config")
     out = Path(out_dir)
-    check_writable(out, folder=True)  # refuse an unusable output folder before hours of training
+    # every variant's config and earlier run are checked before hours of training start
+    configs = [variant_config(cfg, v) for v in variants]
+    for variant, vcfg in zip(variants, configs):
+        _check_same_settings(out / variant.name, vcfg, Path(data_path))
+    check_writable(out, folder=True)
     rows: list[dict[str, Any]] = []
-    for i, variant in enumerate(variants, 1):
-        vcfg = variant_config(cfg, variant)
+    for i, (variant, vcfg) in enumerate(zip(variants, configs), 1):
         run_dir = out / variant.name
-        _check_same_settings(run_dir, vcfg)
         summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
         if summary is None:
             logger.info("variant %d/%d: %s (%s) -> %s", i, len(variants), variant.name, variant.label, run_dir)
@@ -146,9 +153,9 @@ def ablate(cfg: Config, data_path: str | os.PathLike, variants: Sequence[Variant
     return result
 
 
-def _check_same_settings(run_dir: Path, cfg: Config) -> None:
-    """A variant folder from an earlier call must have been trained with the settings asked for now
-    (else its numbers would sit in one table with runs made differently)."""
+def _check_same_settings(run_dir: Path, cfg: Config, data_path: Path) -> None:
+    """A variant folder from an earlier call must have been trained with the settings and the data
+    asked for now (else its numbers would sit in one table with runs made differently)."""
     from .runs import RUN_FILE, config_differences, load_run_config
 
     if not (run_dir / RUN_FILE).is_file():
@@ -157,6 +164,13 @@ def _check_same_settings(run_dir: Path, cfg: Config) -> None:
     if diff:
         raise ConfigError(f"{run_dir}: this variant was trained with other settings ({'; '.join(diff[:3])}); "
                           "give the same options as before, or another --out")
+    try:
+        trained_on = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run_dir / RUN_FILE}: unreadable run file ({one_line(e)})") from e
+    if trained_on and Path(trained_on).resolve() != data_path.resolve():
+        raise ConfigError(f"{run_dir}: this variant was trained on {trained_on}, not {data_path}; "
+                          "use another --out for another feature file")
 
 
 def _row(variant: Variant, cfg: Config, summary: dict[str, Any], run_dir: Path, params: int) -> dict[str, Any]:

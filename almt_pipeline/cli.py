@@ -261,8 +261,9 @@ def describe(
     typer.echo(f"parameters excluding the text model: {info['excluding_text']:,}")
     typer.echo(f"parameters including the text model: {info['total']:,}")
     if variants is not None:
+        chosen = select_variants(variants, cfg.model)
         typer.echo(f"\n{'variant':<14} {'description':<28} {'excluding text':>15} {'including text':>15}")
-        for v in select_variants(variants, cfg.model):
+        for v in chosen:
             counts = describe_model(variant_config(cfg, v).model)
             typer.echo(f"{v.name:<14} {v.label:<28} {counts['excluding_text']:>15,} {counts['total']:>15,}")
 

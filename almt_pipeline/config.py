@@ -142,7 +142,7 @@ class ModelConfig:
     fast_attention: bool = True
     # Ablations (the paper's Tables 3, 4 and 6; named variants in ablation.py). The defaults are the
     # released model; each switch removes one part:
-    ahl: bool = True  # false: no AHL; the fusion source is the audio and vision summary tokens, concatenated
+    ahl: bool = True  # false: no AHL; the fusion source is the language, audio and vision summary tokens, concatenated
     fusion: bool = True  # false: no fusion transformer; a linear head on the pooled language + hyper-modality
     modality_embedding: bool = True  # false: each modality's T tokens are mean-pooled segments of its frames
     guided_layers: list[int] | None = None  # AHL layers (1-based) guided by language; the rest are MLPs. None: all
@@ -362,16 +362,19 @@ def _check_model_rules(m: ModelConfig, source: str) -> None:
                               f"(text guides the model and cannot be removed), got {name!r}")
     if len(set(m.drop_modalities)) != len(m.drop_modalities):
         raise ConfigError(f"{source}: 'model.drop_modalities' lists a modality twice: {m.drop_modalities}")
+    if m.ahl and len(m.drop_modalities) == len(DROPPABLE_MODALITIES):
+        raise ConfigError(f"{source}: with audio and vision dropped AHL has nothing to attend to; set model.ahl: "
+                          "false for a language-only model")
     if m.guided_layers is not None:
+        if not m.guided_layers:
+            raise ConfigError(f"{source}: 'model.guided_layers' must list at least one AHL layer (no guidance at all: "
+                              "model.ahl: false)")
         if len(set(m.guided_layers)) != len(m.guided_layers) or not all(
                 1 <= j <= m.ahl_depth for j in m.guided_layers):
             raise ConfigError(f"{source}: 'model.guided_layers' must list distinct AHL layers from 1 to "
                               f"model.ahl_depth={m.ahl_depth}, got {m.guided_layers}")
         if not m.ahl:
             raise ConfigError(f"{source}: 'model.guided_layers' needs model.ahl: true (there is no AHL to guide)")
-    if not m.ahl and not m.fusion and len(m.drop_modalities) == len(DROPPABLE_MODALITIES):
-        raise ConfigError(f"{source}: with model.ahl and model.fusion off and both audio and vision dropped "
-                          "nothing is left to fuse")
 
 
 def _check(cfg: Config, source: str) -> None:

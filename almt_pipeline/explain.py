@@ -52,6 +52,7 @@ class Sample:
     timing: dict[str, str] = field(default_factory=dict)  # audio/vision: how positions map to seconds
     notes: list[str] = field(default_factory=list)
     clip_score: float | None = None  # a clip scored in several text windows: `almt predict`'s score
+    split: str | None = None  # a feature-file sample: the split it was found in
 
     def length(self, modality: str) -> int:
         """Real positions of ``modality``: text tokens with attention mask 1, or frames."""
@@ -111,12 +112,15 @@ def summarise(weights: np.ndarray, token_keys: int, n_real: int, labels: list[st
     return {"positions": n_real, "weights": norm, "labels": labels, "seconds": seconds, "summary_tokens": rows}
 
 
-def frame_seconds(n_real: int, period: float, max_len: int, raw: int) -> np.ndarray:
+def frame_seconds(n_real: int, period: float, max_len: int, raw: int, centred: bool = False) -> np.ndarray:
     """(n_real, 2) start and end seconds of the model's input positions for ``raw`` frames
     ``period`` seconds apart (audio: hop_length / sample_rate, video: 1 / fps), mean-pooled into
-    ``max_len`` bins when more (``features.fit_length``): a bin spans the seconds of its frames."""
+    ``max_len`` bins when more (``features.fit_length``): a bin spans the seconds of its frames.
+    ``centred``: frame k is centred on k * period (librosa's frames), not starting there."""
     edges = np.arange(n_real + 1) if raw <= max_len else (np.arange(max_len + 1) * raw) // max_len
-    return np.stack([edges[:-1] * period, edges[1:] * period], axis=1)[:n_real]  # (n_real, 2)
+    shift = 0.5 * period if centred else 0.0
+    spans = np.stack([edges[:-1] * period - shift, edges[1:] * period - shift], axis=1)[:n_real]  # (n_real, 2)
+    return np.maximum(spans, 0.0)
 
 
 def frame_periods(settings: Any) -> dict[str, float]:
@@ -145,7 +149,8 @@ def clip_sample(predictor: Predictor, clip: str | os.PathLike, transcript: str |
     periods = frame_periods(config_to_dict(predictor.cfg)["extract"])
     for modality, frames, max_len in (("audio", result.audio, m.audio_len), ("vision", result.vision, m.vision_len)):
         raw = len(frame_span(frames, windows[0].start, windows[0].end))
-        sample.seconds[modality] = frame_seconds(sample.length(modality), periods[modality], max_len, raw)
+        sample.seconds[modality] = frame_seconds(sample.length(modality), periods[modality], max_len, raw,
+                                                 centred=modality == "audio")
         sample.timing[modality] = (f"{raw} frames mean-pooled into {max_len} positions" if raw > max_len
                                    else f"{raw} frames, one per position")
     if len(windows) > 1:
@@ -173,27 +178,29 @@ def load_data(ckpt: LoadedCheckpoint, ckpt_dir: Path, data_path: Path, splits: t
 
 
 def file_sample(ckpt: LoadedCheckpoint, data: FeatureFile, sample_id: str, device: torch.device) -> Sample:
-    """Sample ``sample_id`` of a loaded feature file (from the first split that has it)."""
-    for split, arrays in data.splits.items():
-        ids = [str(i) for i in arrays["id"]]
-        if sample_id in ids:
-            s = to_split(split, {k: v[ids.index(sample_id):][:1] for k, v in arrays.items()})
-            break
-    else:
+    """Sample ``sample_id`` of a loaded feature file (the split it is in is recorded in ``split``)."""
+    found = [split for split, arrays in data.splits.items() if sample_id in {str(i) for i in arrays["id"]}]
+    if not found:
         known = [str(i) for a in data.splits.values() for i in a["id"]]
         raise FeatureFileError(f"{data.path}: no sample {sample_id!r} in split(s) {', '.join(data.splits)}, "
                                f"which hold {len(known)} ids (e.g. {known[0]!r})")
+    if len(found) > 1:
+        raise FeatureFileError(f"{data.path}: sample id {sample_id!r} is in the {' and '.join(found)} splits; "
+                               "choose one with --split")
+    arrays = data.splits[found[0]]
+    row = [str(i) for i in arrays["id"]].index(sample_id)
+    s = to_split(found[0], {k: v[row:row + 1] for k, v in arrays.items()})
     label = float(s.labels[0])
     sample = Sample(name=sample_id, inputs=tuple(t.to(device) for t in s.inputs),
-                    label=label if math.isfinite(label) else None, tokens=_tokens(ckpt, s.inputs[0]))
-    periods, m = frame_periods(data.meta.get("extract")), ckpt.cfg.model
-    for modality, max_len in (("audio", m.audio_len), ("vision", m.vision_len)):
-        n = sample.length(modality)
-        if periods and n < max_len:
-            sample.seconds[modality] = frame_seconds(n, periods[modality], max_len, n)
+                    label=label if math.isfinite(label) else None, tokens=_tokens(ckpt, s.inputs[0]), split=found[0])
+    periods = frame_periods(data.meta.get("extract"))
+    for modality, width in (("audio", s.inputs[1].shape[1]), ("vision", s.inputs[2].shape[1])):
+        n = sample.length(modality)  # a clip longer than the file's padded width was pooled into it
+        if periods and n < width:
+            sample.seconds[modality] = frame_seconds(n, periods[modality], width, n, centred=modality == "audio")
         sample.timing[modality] = (
             "the file has no extraction settings: positions only" if not periods
-            else f"fills the model's {max_len} positions, so it may have been pooled: positions only" if n >= max_len
+            else f"fills the file's {width} positions, so it may have been pooled: positions only" if n >= width
             else f"{n} frames, one per position")
     return sample
 
@@ -217,6 +224,8 @@ def perturb(sample: Sample, modality: str, frame: int, noise_std: float = 1.0, s
     depends only on language and audio, beta only on language and vision."""
     if modality not in ("audio", "vision"):
         raise ConfigError(f"--perturb-modality must be audio or vision, got {modality!r}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
     if not (math.isfinite(noise_std) and noise_std > 0):
         raise ConfigError(f"--noise-std must be a positive number, got {noise_std}")
     n = sample.length(modality)
@@ -278,7 +287,7 @@ def explain(checkpoint: str | os.PathLike, target: str | os.PathLike, out_dir: s
         ckpt = load_checkpoint(ckpt_dir, resolve_device(device))
         file = load_data(ckpt, ckpt_dir, Path(data), (split,) if split else None)
         sample = file_sample(ckpt, file, str(target), next(ckpt.model.parameters()).device)
-        settings = {"kind": "sample", "data": str(data), "split": split}
+        settings = {"kind": "sample", "data": str(data), "split": sample.split}
     ex = explain_sample(ckpt, sample)
     if perturb_frame is not None:
         if perturb_modality in ckpt.cfg.model.drop_modalities:

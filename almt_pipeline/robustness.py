@@ -83,7 +83,7 @@ def parse_rates(text: str, what: str = "rates") -> list[float]:
             values = [start + i * step for i in range(count)]
         else:
             values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a step so small the count is infinite
         raise ConfigError(usage) from None
     if not values:
         raise ConfigError(usage)
@@ -100,6 +100,8 @@ def check_rates(rates: Iterable[float], what: str = "rates") -> list[float]:
             value = math.nan
         if isinstance(r, (bool, str)) or not 0.0 <= value <= 1.0:  # NaN fails the comparison
             raise ConfigError(f"{what}: each missing rate must lie in [0, 1], got {r!r}")
+        if value == 0.0 and float(r) != 0.0:
+            raise ConfigError(f"{what}: rates are used to {RATE_DECIMALS} decimals; {r!r} would be 0 (no noise)")
         out.add(value)
     if not out:
         raise ConfigError(f"{what}: no missing rate given")
@@ -308,7 +310,11 @@ def _score_checkpoint(name: str, ckpt_dir: Path, ckpt: LoadedCheckpoint, clean: 
         else:
             runs = [score(apply_noise(clean, rate, seed, mods, unk_id)) for seed in seeds]
             conditions.append(_condition(str(rate), rate, None, seeds, runs))
+    absent = [m for m in mods if m in ckpt.cfg.model.drop_modalities]  # the model never sees them
     for m in mods:
+        if m in absent:
+            bar.update(1)
+            continue
         conditions.append(_condition(f"w/o {m}", None, m, [], [score(remove_modality(clean, m, unk_id))]))
     keys = list(conditions[0]["mean"])
     rate_rows = [c for c in conditions if c["rate"] is not None]
@@ -316,6 +322,7 @@ def _score_checkpoint(name: str, ckpt_dir: Path, ckpt: LoadedCheckpoint, clean: 
     return {
         "name": name, "checkpoint": str(ckpt_dir), "label_scale": ckpt.label_scale, "n": clean.n,
         "batch_size": bs, "unk_id": unk_id, "conditions": conditions, "average": average,
+        "absent_modalities": absent,  # built without them (model.drop_modalities): noise on them changes nothing
     }
 
 
@@ -341,7 +348,9 @@ def format_table(model: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     lines = [
         f"robustness of {model['name']} ({model['checkpoint']}) on the {result['split']} split "
         f"({model['n']} samples); noise on {', '.join(result['modalities'])}; "
-        f"seeds {','.join(str(s) for s in result['seeds'])}; mean ± std",
+        f"seeds {','.join(str(s) for s in result['seeds'])}; mean ± std"
+        + (f" (the model has no {' and no '.join(model['absent_modalities'])}: noise there changes nothing)"
+           if model.get("absent_modalities") else ""),
         f"{'condition':<12}" + "".join(f" {head:<{width - 1}}" for _, head in columns).rstrip(),
     ]
     for c in model["conditions"]:

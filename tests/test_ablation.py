@@ -101,6 +101,42 @@ def test_variant_forward_shapes_and_attention_trace(name, masked):
                 torch.testing.assert_close(a.sum(-1), torch.ones(3, 4))
 
 
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_every_variant_listens_to_text_and_to_each_modality_it_keeps(name):
+    """A removal must not silently disconnect another input (e.g. language reaching the head only
+    through AHL queries): swapping one modality between samples changes the scores."""
+    m = dataclasses.replace(ModelConfig(**SMALL), **all_variants(ModelConfig())[name].overrides)
+    torch.manual_seed(0)
+    model = ALMT(m, _small_bert(), 32).eval()
+    text, audio, vision, a_len, v_len = _inputs()
+    swapped = torch.tensor([1, 2, 0])
+    with torch.no_grad():
+        base = model(text, audio, vision, a_len, v_len)
+        changes = {
+            "text": model(text[swapped], audio, vision, a_len, v_len),
+            "audio": model(text, audio[swapped], vision, a_len[swapped], v_len),
+            "vision": model(text, audio, vision[swapped], a_len, v_len[swapped]),
+        }
+    for modality, out in changes.items():
+        moved = float((out - base).abs().max())
+        if modality in m.drop_modalities:
+            assert moved == 0.0, (name, modality)
+        else:
+            assert moved > 1e-6, (name, modality, moved)
+
+
+def test_pooled_segments_do_not_depend_on_the_batch():
+    m = ModelConfig(**SMALL, modality_embedding=False, masked=True)
+    torch.manual_seed(0)
+    model = ALMT(m, _small_bert(), 32).eval()
+    text, audio, vision, a_len, v_len = _inputs()
+    with torch.no_grad():
+        together = model(text, audio, vision, a_len, v_len)
+        alone = torch.cat([model(text[i:i + 1], audio[i:i + 1], vision[i:i + 1], a_len[i:i + 1], v_len[i:i + 1])
+                           for i in range(3)])
+    torch.testing.assert_close(together, alone)
+
+
 def test_dropped_modality_is_ignored():
     m = ModelConfig(**SMALL, drop_modalities=["vision"])
     model = ALMT(m, _small_bert(), 32).eval()
@@ -115,7 +151,8 @@ def test_dropped_modality_is_ignored():
     ({"guided_layers": [0]}, "from 1 to model.ahl_depth=3"),
     ({"guided_layers": [1, 1]}, "distinct"),
     ({"guided_layers": [1], "ahl": False}, "needs model.ahl: true"),
-    ({"ahl": False, "fusion": False, "drop_modalities": ["audio", "vision"]}, "nothing is left to fuse"),
+    ({"drop_modalities": ["audio", "vision"]}, "AHL has nothing to attend to"),
+    ({"guided_layers": []}, "at least one AHL layer"),
 ])
 def test_bad_ablation_settings_are_one_line_errors(model, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -202,3 +239,53 @@ def test_ablate_tabulates_resumes_and_its_checkpoints_evaluate(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="trained with other settings"):
         ablation.ablate(tiny_config(text_model, epochs=3, seeds=[1, 2]), data, variants, out_dir=out,
                         device="cpu", quiet=True)
+
+
+def test_ablate_resumes_inside_a_variant_with_the_numbers_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    from synthetic import make_synthetic, make_tiny_text_model
+
+    from almt_pipeline import train as train_module
+
+    text_model = make_tiny_text_model(tmp_path / "bert")
+    data = tmp_path / "data.pkl"
+    make_synthetic(data, n=(16, 8, 8), text_len=12, audio=(20, 5), vision=(16, 6), text_dim=32, seed=2)
+    cfg = tiny_config(text_model, epochs=3)
+    variants = select_variants("no-fusion", cfg.model)
+    straight = ablation.ablate(cfg, data, variants, out_dir=tmp_path / "straight", device="cpu", quiet=True)
+
+    real_epoch = train_module._run_epoch
+
+    def stopped_in_epoch_2(vcfg, st, loader, d, settings, epoch, desc):  # Ctrl-C during no-fusion's 2nd epoch
+        if not vcfg.model.fusion and epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(vcfg, st, loader, d, settings, epoch, desc)
+
+    monkeypatch.setattr(train_module, "_run_epoch", stopped_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.ablate(cfg, data, variants, out_dir=tmp_path / "resumed", device="cpu", quiet=True)
+    assert (tmp_path / "resumed" / "full" / "summary.json").is_file()
+    assert not (tmp_path / "resumed" / "no-fusion" / "summary.json").exists()
+    monkeypatch.setattr(train_module, "_run_epoch", real_epoch)
+    resumed = ablation.ablate(cfg, data, variants, out_dir=tmp_path / "resumed", device="cpu", quiet=True)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "no-fusion" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    for a, b in zip(straight["variants"], resumed["variants"]):
+        assert a["test_mean"] == b["test_mean"]
+
+
+def test_ablate_refuses_an_ablated_base_and_another_feature_file(tmp_path):
+    from synthetic import make_synthetic, make_tiny_text_model
+
+    text_model = make_tiny_text_model(tmp_path / "bert")
+    cfg = tiny_config(text_model, epochs=1)
+    base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fusion=False))
+    with pytest.raises(ConfigError, match="ablate starts from the full model"):
+        ablation.ablate(base, tmp_path / "data.pkl", select_variants("no-ahl", cfg.model), out_dir=tmp_path / "a")
+    data, other = tmp_path / "data.pkl", tmp_path / "other.pkl"
+    for path, seed in ((data, 1), (other, 2)):
+        make_synthetic(path, n=(16, 8, 8), text_len=12, audio=(20, 5), vision=(16, 6), text_dim=32, seed=seed)
+    ablation.ablate(cfg, data, select_variants("full", cfg.model), out_dir=tmp_path / "b", device="cpu", quiet=True)
+    with pytest.raises(ConfigError, match="was trained on .*data.pkl, not .*other.pkl"):
+        ablation.ablate(cfg, other, select_variants("no-ahl", cfg.model), out_dir=tmp_path / "b", device="cpu",
+                        quiet=True)
+    assert not (tmp_path / "b" / "no-ahl").exists()  # refused before anything was trained

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from almt_pipeline.cli import app
 from almt_pipeline.cli_explain import default_out
 from almt_pipeline.config import Config, ModelConfig, config_to_dict, load_config
-from almt_pipeline.errors import ConfigError
+from almt_pipeline.errors import ConfigError, FeatureFileError
 from almt_pipeline.evaluate import evaluate
 from almt_pipeline.explain import (
     explain,
@@ -152,6 +152,8 @@ def test_seconds_of_input_positions():
     np.testing.assert_allclose(frame_seconds(3, 0.1, 10, 3), [[0.0, 0.1], [0.1, 0.2], [0.2, 0.3]])
     pooled = frame_seconds(4, 0.5, 4, 10)  # 10 frames into 4 bins: 2, 3, 2, 3 frames (fit_length's bins)
     np.testing.assert_allclose(pooled, [[0.0, 1.0], [1.0, 2.5], [2.5, 3.5], [3.5, 5.0]])
+    # audio frames are centred on k * period (librosa), the first one clipped at the clip's start
+    np.testing.assert_allclose(frame_seconds(3, 0.1, 10, 3, centred=True), [[0.0, 0.05], [0.05, 0.15], [0.15, 0.25]])
     assert frame_periods({"audio": {"hop_length": 512, "sample_rate": 22050}, "visual": {"fps": 10}}) == {
         "audio": 512 / 22050, "vision": 0.1}
     assert frame_periods(None) == {} and frame_periods({"audio": {}}) == {}
@@ -162,13 +164,15 @@ def test_feature_file_positions_map_to_seconds_unless_maybe_pooled(loaded):
     ids = [str(i) for i in file.splits["test"]["id"]]
     full = file_sample(ckpt, file, ids[0], CPU)  # audio fills the model's 20 positions
     assert "audio" not in full.seconds and "pooled" in full.timing["audio"]
-    n_v = full.length("vision")
-    if n_v < VISION[0]:
-        np.testing.assert_allclose(full.seconds["vision"][-1], [(n_v - 1) / 10, n_v / 10])
     ex = explain_sample(ckpt, full)
     assert all(t["seconds"] is None for row in ex.summary["audio"]["summary_tokens"] for t in row["top"])
-    short = next(s for s in (file_sample(ckpt, file, i, CPU) for i in ids) if s.length("audio") < AUDIO[0])
-    assert short.seconds["audio"][1, 0] == pytest.approx(512 / 22050)
+    samples = [file_sample(ckpt, file, i, CPU) for i in ids]
+    short_v = next(s for s in samples if s.length("vision") < VISION[0])
+    n_v = short_v.length("vision")
+    np.testing.assert_allclose(short_v.seconds["vision"][-1], [(n_v - 1) / 10, n_v / 10])
+    short = next(s for s in samples if s.length("audio") < AUDIO[0])
+    assert short.seconds["audio"][1, 0] == pytest.approx(0.5 * 512 / 22050)  # centred frames
+    assert short.split == "test"
 
 
 def test_cli_writes_pictures_and_json_that_round_trips(ckpt_dir, data, loaded, tmp_path):
@@ -347,3 +351,17 @@ def test_clip_end_to_end_matches_predict(clip_checkpoint, repo_root, tmp_path):
             assert written["clip_score"] == pytest.approx(expected.score, abs=1e-5)
         assert {p.name for p in out.iterdir()} == {"attention.png", "attention.json", "summary_attention.png",
                                                    "perturbation.png"}
+
+
+def test_an_id_in_several_splits_must_be_given_a_split(loaded):
+    import dataclasses
+
+    ckpt, file = loaded
+    splits = {k: dict(v) for k, v in file.splits.items()}
+    splits["test"]["id"] = splits["train"]["id"][: len(splits["test"]["id"])].copy()  # ids repeated across splits
+    both = dataclasses.replace(file, splits=splits)
+    shared = str(splits["test"]["id"][0])
+    with pytest.raises(FeatureFileError, match="is in the train and test splits; choose one with --split"):
+        file_sample(ckpt, both, shared, CPU)
+    only_test = dataclasses.replace(file, splits={"test": splits["test"]})
+    assert file_sample(ckpt, only_test, shared, CPU).split == "test"

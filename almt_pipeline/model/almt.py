@@ -88,8 +88,8 @@ class ModalityEmbedding(nn.Module):
 
 class PooledEmbedding(nn.Module):
     """The "without modality embedding" ablation: Linear(d_m -> D) plus a positional embedding,
-    then the sequence is cut into T equal segments and each segment's real frames are averaged
-    into one token (no transformer, no learnable tokens)."""
+    then each sample's real frames are cut into T equal segments and each segment is averaged into
+    one token (no transformer, no learnable tokens)."""
 
     def __init__(self, in_dim: int, max_len: int, cfg: ModelConfig) -> None:
         super().__init__()
@@ -99,19 +99,21 @@ class PooledEmbedding(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, max_len, cfg.dim))  # (1, T_max, D)
 
     def forward(self, x: Tensor, frame_mask: Tensor | None = None, trace: list[Tensor] | None = None) -> Tensor:
-        """x (B, T_m, d_m); frame_mask (B, T_m) bool or None. Returns (B, T, D). With ``trace``,
-        appends each token's pooling weights over the frames: (B, T, T_m), rows summing to 1 (to 0
-        for a segment without a real frame)."""
+        """x (B, T_m, d_m); frame_mask (B, T_m) bool or None (then every frame is real). Returns
+        (B, T, D). With ``trace``, appends each token's pooling weights over the frames: (B, T, T_m),
+        rows summing to 1 (to 0 for a sample without a real frame)."""
         b, t_m, _ = x.shape
         h = self.proj(x) + self.pos[:, :t_m]  # (B, T_m, D)
-        w = torch.ones(b, t_m, device=x.device, dtype=h.dtype) if frame_mask is None else frame_mask.to(h.dtype)
-        # segment j of T covers frames [floor(j T_m / T), ceil((j + 1) T_m / T)), as adaptive pooling does
-        starts = [(j * t_m) // self.n_tokens for j in range(self.n_tokens)]
-        ends = [-((-(j + 1) * t_m) // self.n_tokens) for j in range(self.n_tokens)]
-        frames = torch.arange(t_m, device=x.device)  # (T_m,)
-        seg = torch.stack([(frames >= s) & (frames < e) for s, e in zip(starts, ends)]).to(h.dtype)  # (T, T_m)
-        weights = seg[None] * w[:, None, :]  # (B, T, T_m)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # mean of the segment's real frames
+        lengths = (torch.full((b,), t_m, device=x.device) if frame_mask is None
+                   else frame_mask.sum(1))  # (B,) real frames, which lead the sequence
+        # segment j of sample b covers frames [floor(j n_b / T), ceil((j + 1) n_b / T)) of its n_b real
+        # frames (as adaptive pooling cuts them): per sample, so a score does not depend on its batch
+        j = torch.arange(self.n_tokens, device=x.device)[None, :]  # (1, T)
+        starts = (j * lengths[:, None]) // self.n_tokens  # (B, T)
+        ends = -((-(j + 1) * lengths[:, None]) // self.n_tokens)  # (B, T)
+        frames = torch.arange(t_m, device=x.device)[None, None, :]  # (1, 1, T_m)
+        weights = ((frames >= starts[..., None]) & (frames < ends[..., None])).to(h.dtype)  # (B, T, T_m)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)  # the mean of each segment
         if trace is not None:
             trace.append(weights)
         return weights @ h  # (B, T, D)
@@ -218,7 +220,7 @@ class ALMT(nn.Module):
             for j in range(1, cfg.ahl_depth + 1)
         ) if cfg.ahl else nn.ModuleList()
         # cross-modality fusion: hyper-modality (source) -> language (target)
-        n_src = n if cfg.ahl else n * len(self.modalities)  # source tokens without the fusion token
+        n_src = n if cfg.ahl else n * (1 + len(self.modalities))  # source tokens without the fusion token
         self.fusion_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.fusion else None  # (1, 1, D)
         self.fusion_pos_src = nn.Parameter(torch.randn(1, n_src + 1, d)) if cfg.fusion else None  # (1, S + 1, D)
         self.fusion_pos_tgt = nn.Parameter(torch.randn(1, n + 1, d)) if cfg.fusion else None  # (1, T + 1, D)
@@ -303,14 +305,13 @@ class ALMT(nn.Module):
                 maps: dict[str, Tensor] = {}
                 source = layer(h_lang, h_a, h_v, source, maps if trace is not None else None)  # (B, T, D)
                 layer_maps.append(maps)
-        else:  # without AHL: the audio and vision summary tokens side by side
-            source = torch.cat([h for h in (h_a, h_v) if h is not None] or [scales[-1][:, :0]], dim=1)  # (B, S, D)
+        else:  # without AHL: the last language scale and the audio and vision summary tokens, concatenated
+            source = torch.cat([scales[-1]] + [h for h in (h_a, h_v) if h is not None], dim=1)  # (B, S, D)
         if trace is not None and summary is not None:
             trace["summary"] = {m: v[0] for m, v in summary.items() if v}
             trace["ahl"] = layer_maps
         if self.fusion_token is None or self.fusion_pos_src is None or self.fusion_pos_tgt is None:
-            pooled = torch.cat([scales[-1].mean(1), source.mean(1) if source.shape[1] else torch.zeros_like(
-                scales[-1][:, 0])], dim=-1)  # (B, 2D)
+            pooled = torch.cat([scales[-1].mean(1), source.mean(1)], dim=-1)  # (B, 2D)
             return self.head(pooled).squeeze(-1)  # (B,)
         token = self.fusion_token.expand(b, -1, -1)  # (B, 1, D)
         src = torch.cat([token, source], dim=1) + self.fusion_pos_src  # (B, S + 1, D)
@@ -352,7 +353,7 @@ def almt_parameter_count(m: ModelConfig, text_dim: int) -> int:
     unguided_layer = 2 * d + 2 * d + (d * ahl_inner + ahl_inner) + (ahl_inner * d + d)  # LayerNorm + MLP
     guided = m.ahl_depth if m.guided_layers is None else len(m.guided_layers)
     ahl = t * d + guided * ahl_layer + (m.ahl_depth - guided) * unguided_layer if m.ahl else 0
-    n_src = t if m.ahl else t * n_mod
+    n_src = t if m.ahl else t * (1 + n_mod)
     fusion = (d + (n_src + 1) * d + (t + 1) * d  # fusion token and positions
               + m.fusion_depth * block(m.fusion_heads, m.fusion_dim_head, m.fusion_mlp_dim)) if m.fusion else 0
     head = (d if m.fusion else 2 * d) + 1
