@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/extract_speed.py
 	$(BIN)/python benchmarks/predict_latency.py
+	$(BIN)/python benchmarks/serve_latency.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from . import cli_analyses, cli_explain
+from . import cli_analyses, cli_explain, cli_serve
 from .cli_common import (
     DEFAULT_FEATURES,
     ConfigOpt,
@@ -290,6 +290,7 @@ def import_weights(
 
 cli_analyses.register(app)
 cli_explain.register(app)
+cli_serve.register(app)
 
 
 def main() -> None:

@@ -143,6 +143,11 @@ class Predictor:
         Without ``transcript``: the clip's sidecar file, else speech recognition. A transcript
         longer than ``text_len`` tokens is scored in windows (see the module's description).
         """
+        return self.predict_with_features(clip, transcript, transcript_source)[0]
+
+    def predict_with_features(self, clip: str | Path, transcript: str | None = None,
+                              transcript_source: str | None = None) -> tuple[Prediction, ClipResult]:
+        """:meth:`predict`, and the clip's features it scored (see :meth:`model_inputs`)."""
         t0 = time.perf_counter()
         if transcript is not None and transcript_source is None:
             transcript_source = "given"
@@ -163,7 +168,7 @@ class Predictor:
             face_fraction=result.face_fraction, duration=result.duration,
             text_tokens=sum(w.tokens for w in windows), text_len=self.cfg.model.text_len,
             windows=windows, timings=timings,
-        )
+        ), result
 
     def inputs(self, clip: str | Path, transcript: str | None = None) -> tuple[
             ClipResult, list[TextWindow], tuple[torch.Tensor, ...]]:
@@ -172,8 +177,12 @@ class Predictor:
         device: text_bert (W, 3, L), audio (W, T_a, d_a), vision (W, T_v, d_v), audio and vision
         lengths (W,). Row i scores window i; :func:`weighted_score` of those is the clip's score."""
         result = self.extractor(clip, transcript=transcript, transcript_source=None if transcript is None else "given")
+        return (result, *self.model_inputs(result))
+
+    def model_inputs(self, result: ClipResult) -> tuple[list[TextWindow], tuple[torch.Tensor, ...]]:
+        """A clip's text windows and the model's inputs for them, one row per window (see :meth:`inputs`)."""
         windows = self._text_windows(result)
-        return result, windows, self._window_inputs(windows, result.audio, result.vision)
+        return windows, self._window_inputs(windows, result.audio, result.vision)
 
     def _text_windows(self, result: ClipResult) -> list[TextWindow]:
         if result.text_truncated:
@@ -201,11 +210,16 @@ class Predictor:
         """The model's score for each window (see :meth:`_window_inputs`)."""
         scores: list[float] = []
         for first in range(0, len(windows), WINDOW_BATCH):
-            text_bert, a, v, a_len, v_len = self._window_inputs(windows[first:first + WINDOW_BATCH], audio, vision)
-            with torch.inference_mode():
-                out = self.checkpoint.model(text_bert, a, v, audio_lengths=a_len, vision_lengths=v_len)
-            scores += [float(x) for x in out.reshape(-1).cpu()]
+            scores += self.score_inputs(self._window_inputs(windows[first:first + WINDOW_BATCH], audio, vision))
         return scores
+
+    def score_inputs(self, inputs: Sequence[torch.Tensor]) -> list[float]:
+        """The model's score for each row of ``inputs`` (text_bert, audio, vision, audio and vision
+        lengths, as :meth:`inputs` gives them), in one model call."""
+        text_bert, a, v, a_len, v_len = (t.to(self.device) for t in inputs)
+        with torch.inference_mode():
+            out = self.checkpoint.model(text_bert, a, v, audio_lengths=a_len, vision_lengths=v_len)  # (B,)
+        return [float(x) for x in out.reshape(-1).cpu()]
 
     def predict_many(self, clips: Iterable[str | Path | ClipSpec], quiet: bool = True) -> list[Prediction]:
         """Score several clips; a bad clip gives a Prediction with ``error`` set, the rest go on.

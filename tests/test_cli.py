@@ -19,7 +19,7 @@ def test_help_lists_every_command():
     r = invoke("--help")
     assert r.exit_code == 0
     for cmd in ("extract", "train", "evaluate", "predict", "describe", "import-weights",
-                "robustness", "ablate", "explain"):
+                "robustness", "ablate", "explain", "serve"):
         assert cmd in r.output
 
 
