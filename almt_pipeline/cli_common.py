@@ -34,6 +34,10 @@ QuietOpt = typer.Option(
     help="No progress bars or per-step messages; warnings, errors and final results only.",
 )
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+EvalBatchOpt = typer.Option(
+    None, "--batch-size",
+    help="Samples per batch when scoring (default: the checkpoint config's train.eval_batch_size).",
+)
 
 
 def one_line_errors(func: F) -> F:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .cli_common import DeviceOpt, QuietOpt, VerboseOpt, one_line_errors, setup_logging
+from .cli_common import DeviceOpt, EvalBatchOpt, QuietOpt, VerboseOpt, one_line_errors, setup_logging
 from .errors import ConfigError
 from .schema import SPLITS, check_split
 
@@ -63,10 +63,7 @@ def explain(
         help="Folder for attention.png/.json, summary_attention.png, perturbation.png "
              "(default: explain/<clip name, id or average-split>).",
     ),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size",
-        help="Samples per batch with --average (default: the checkpoint config's train.eval_batch_size).",
-    ),
+    batch_size: int | None = EvalBatchOpt,
     device: str = DeviceOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
