@@ -27,11 +27,12 @@ epoch), ``ablation.json`` (the same plus each variant's model switches and run f
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,8 @@ def ablate(cfg: Config, data_path: str | os.PathLike, variants: Sequence[Variant
         if summary is None:
             logger.info("variant %d/%d: %s (%s) -> %s", i, len(variants), variant.name, variant.label, run_dir)
             try:
-                summary = train(vcfg, data_path, run_dir, device=device, resume=True, quiet=quiet)
+                with _results_only_at_the_end(quiet):
+                    summary = train(vcfg, data_path, run_dir, device=device, resume=True, quiet=quiet)
             except KeyboardInterrupt:
                 logger.warning("interrupted in variant %s: rerun the same command to continue", variant.name)
                 raise
@@ -151,6 +153,19 @@ def ablate(cfg: Config, data_path: str | os.PathLike, variants: Sequence[Variant
                      data_path, len(result["seeds"]), format_table(rows, scale))
     results_log.info("wrote %s, %s and %s", out / "ablation.csv", out / "ablation.json", out / "ablation.png")
     return result
+
+
+@contextlib.contextmanager
+def _results_only_at_the_end(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, each variant's own result lines (selected epoch, per-seed table) are not
+    shown: the ablation table at the end has them all."""
+    level = results_log.level
+    if quiet:
+        results_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        results_log.setLevel(level)
 
 
 def _check_same_settings(run_dir: Path, cfg: Config, data_path: Path) -> None:
