@@ -13,6 +13,7 @@ from .utils import one_line
 
 # the defaults of .serve, repeated here so that `almt --help` does not import it (and Gradio, torch)
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_MAX_UPLOAD_MB = "127.0.0.1", 7860, 200.0
+DEFAULT_MAX_DURATION, DEFAULT_MAX_QUEUE, DEFAULT_READ_TIMEOUT = 600.0, 8, 120.0
 
 
 @one_line_errors
@@ -29,7 +30,20 @@ def serve(
     port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on (0: any free port; the URL is printed)."),
     max_upload_mb: float = typer.Option(
         DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb",
-        help="Largest upload accepted, in MiB (API: the whole request; larger ones are answered HTTP 413).",
+        help="Largest upload accepted, in MiB. API: the whole request (larger ones are answered HTTP 413). Page: "
+             "each file, and the clips of one analysis in all (at most 20 clips per analysis).",
+    ),
+    max_duration: float = typer.Option(
+        DEFAULT_MAX_DURATION, "--max-duration",
+        help="Longest clip scored, in seconds (its duration read from the file before scoring; API: HTTP 413).",
+    ),
+    max_queue: int = typer.Option(
+        DEFAULT_MAX_QUEUE, "--max-queue",
+        help="API requests received, waiting or being scored at once; more are answered HTTP 503 (Retry-After).",
+    ),
+    read_timeout: float = typer.Option(
+        DEFAULT_READ_TIMEOUT, "--read-timeout",
+        help="Seconds an API request's body may take to arrive; a slower one is answered HTTP 408.",
     ),
     device: str = DeviceOpt,
     quiet: bool = QuietOpt,
@@ -47,8 +61,8 @@ def serve(
     def ready(url: str) -> None:
         typer.echo(f"serving on {url} (page; API: {url}api/predict, {url}api/health); Ctrl-C stops")
 
-    run_serve(checkpoint, host=host, port=port, max_upload_mb=max_upload_mb, device=device, access_log=verbose,
-              on_ready=ready)
+    run_serve(checkpoint, host=host, port=port, max_upload_mb=max_upload_mb, max_duration=max_duration,
+              max_queue=max_queue, read_timeout=read_timeout, device=device, access_log=verbose, on_ready=ready)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,20 +4,21 @@
     POST /api/predict   multipart/form-data: field ``clip`` (the media file) and optionally ``transcript`` (text;
                         blank or absent: speech recognition). 200: the JSON object ``almt predict --json`` prints
                         for the clip (``path`` is the uploaded file's name). Otherwise {"error": "<one line>"}:
-                        400 no ``clip`` field or not multipart/form-data, 413 a request larger than the upload
-                        limit (Content-Length is checked first, then the bytes received, so a body without a
-                        length or longer than it announced is stopped too), 415 not a media file (probing its
-                        content finds no audio or video stream, whatever its name), 422 a media file that cannot
-                        be scored (no audio, too short, damaged: the line ``almt predict`` prints), 500 the
-                        server failed (a missing model or package)
+                        400 no ``clip`` field, a repeated field, a transcript not UTF-8, not multipart/form-data;
+                        408 a body slower than --read-timeout; 413 a request larger than the upload limit
+                        (Content-Length is checked first, then the bytes received) or a clip longer than
+                        --max-duration; 415 not a media file (probing its content finds no audio or video
+                        stream, whatever its name); 422 a media file that cannot be scored (the line ``almt
+                        predict`` prints); 500 the server failed (a missing model or package); 503 more than
+                        --max-queue requests at once (with Retry-After)
     /                   the page (Gradio, :mod:`.serve_page`)
 
 Clips are scored one at a time: the page's queue runs one job at a time and the page and the API share
 one lock around the one :class:`~.prediction.Predictor`. The server keeps its files in a private folder
 (mode 0700) under the system's temporary folder, removed when it stops: each API upload in a folder of
-its own, removed as soon as the request is answered; the page's uploads and pictures in ``page/``
-(Gradio's cache: files older than an hour are removed every hour). The server has no authentication:
-it listens on 127.0.0.1 unless told otherwise, and warns when told otherwise.
+its own, removed as soon as the request is answered; the page's uploads in ``page/`` (Gradio's cache:
+files older than an hour are removed every hour; the page scores only files there). The server has no
+authentication: it listens on 127.0.0.1 unless told otherwise, and warns when told otherwise.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from io import BufferedWriter
 from pathlib import Path
@@ -58,18 +58,18 @@ from .metrics import LABEL_RANGES, canonical_scale
 from .prediction import Predictor
 from .probe import ffmpeg_exe, probe
 from .processes import sigterm_as_interrupt
-from .serve_page import CSS, FaceCrops, build_page, clip_report, score_upload
+from .serve_page import CSS, FIELD_LIMIT, FaceCrops, build_page, clip_report, duration_error, score_upload
 from .utils import one_line, results_log
 
 log = logging.getLogger(__name__)
 
 MB = 1 << 20  # --max-upload-mb counts MiB, as Gradio's upload limit does
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_MAX_UPLOAD_MB = "127.0.0.1", 7860, 200.0
+DEFAULT_MAX_DURATION, DEFAULT_MAX_QUEUE, DEFAULT_READ_TIMEOUT = 600.0, 8, 120.0  # s, requests, s
 CLIP_FIELD, TRANSCRIPT_FIELD = "clip", "transcript"
-FIELD_LIMIT = 1 << 20  # bytes of the transcript field (sidecar transcripts have the same cap)
 LINGER_BYTES, LINGER_S = 8 * MB, 2.0  # a refused body: read and dropped up to this, so the client hears why
-SHUTDOWN_S = 3  # seconds open connections (a page's event stream) get when the server stops
-NAME_CHARS = 120  # characters of an uploaded file's name kept
+SHUTDOWN_S, NAME_CHARS = 3, 120  # s open connections (a page's event stream) get at the stop; chars of a file name
+FORCE_S = 10  # then seconds a clip being scored gets to finish before the process exits without it
 
 
 class ApiError(Exception):
@@ -82,7 +82,7 @@ class ApiError(Exception):
 
 @dataclass
 class Upload:
-    """A received request: the clip saved under ``path``, its name on the client, the transcript."""
+    """A received request: the clip saved under ``path``, its name on the client, the transcript ("": blank)."""
 
     path: Path | None = None
     name: str = "clip"
@@ -108,14 +108,14 @@ class FormReader:
 
     def __init__(self, boundary: bytes, folder: Path) -> None:
         self.folder, self.upload = folder, Upload()
-        self._header: list[bytes] = [b"", b""]  # the part header being read: field, value
+        self._header = [bytearray(), bytearray()]  # the part header being read: field, value
         self._headers: dict[str, bytes] = {}
         self._field = ""
         self._file: BufferedWriter | None = None
         self._text = bytearray()
         self.parser = MultipartParser(boundary, {
-            "on_part_begin": self._begin, "on_header_field": self._header_field,
-            "on_header_value": self._header_value, "on_header_end": self._header_end,
+            "on_part_begin": self._begin, "on_header_field": lambda d, s, e: self._header[0].extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._header[1].extend(d[s:e]), "on_header_end": self._header_end,
             "on_headers_finished": self._headers_done, "on_part_data": self._data, "on_part_end": self._end,
         })
 
@@ -145,15 +145,9 @@ class FormReader:
     def _begin(self) -> None:
         self._headers, self._field = {}, ""
 
-    def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header[0] += data[start:end]
-
-    def _header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header[1] += data[start:end]
-
     def _header_end(self) -> None:
-        self._headers[self._header[0].decode("latin-1").strip().lower()] = self._header[1]
-        self._header = [b"", b""]
+        self._headers[self._header[0].decode("latin-1").strip().lower()] = bytes(self._header[1])
+        self._header = [bytearray(), bytearray()]
 
     def _headers_done(self) -> None:
         _, options = parse_options_header(self._headers.get("content-disposition", b""))
@@ -165,6 +159,8 @@ class FormReader:
             self.upload.path = self.folder / stored_name(self.upload.name)
             self._file = open(self.upload.path, "xb")  # noqa: SIM115 - closed at the part's end or in close()
         elif self._field == TRANSCRIPT_FIELD:
+            if self.upload.transcript is not None:
+                raise ApiError(400, f"more than one {TRANSCRIPT_FIELD!r} field: send one transcript per request")
             self._text.clear()
 
     def _data(self, data: bytes, start: int, end: int) -> None:
@@ -180,8 +176,11 @@ class FormReader:
             self._file.close()
             self._file = None
         elif self._field == TRANSCRIPT_FIELD:
-            text = " ".join(self._text.decode("utf-8", "replace").split())
-            self.upload.transcript = text or None
+            try:
+                text = " ".join(self._text.decode("utf-8").split())
+            except UnicodeDecodeError as e:
+                raise ApiError(400, f"the {TRANSCRIPT_FIELD!r} field is not UTF-8 text ({one_line(e)})") from e
+            self.upload.transcript = text or ""
 
 
 class Body:
@@ -207,7 +206,6 @@ class Body:
         waiting = self.received == 0 and self.request.headers.get("expect", "").lower() == "100-continue"
         if self.done or waiting:
             return
-
         start = self.received
 
         async def drop() -> None:
@@ -247,8 +245,11 @@ def too_large(limit: int, length: int | None = None) -> str:
 class Service:
     """The loaded predictor, the lock that makes clips go one at a time, the server's folder and limit."""
 
-    def __init__(self, predictor: Predictor, work_dir: Path, max_upload_bytes: int) -> None:
-        self.predictor, self.work_dir, self.limit = predictor, work_dir, max_upload_bytes
+    def __init__(self, predictor: Predictor, work_dir: Path, limit: int, max_duration: float, max_queue: int,
+                 read_timeout: float) -> None:
+        self.predictor, self.work_dir, self.limit = predictor, work_dir, limit
+        self.max_duration, self.max_queue, self.read_timeout = max_duration, max_queue, read_timeout
+        self.active = 0  # API requests being received, waiting or scored (changed on the event loop only)
         self.lock = threading.Lock()
         self.uploads = work_dir / "api"
         self.uploads.mkdir(mode=0o700, exist_ok=True)
@@ -270,8 +271,11 @@ class Service:
             return 500, {"error": one_line(e)}
         if not (info.has_audio or info.has_video):
             return 415, {"error": f"{name}: no audio or video stream (not a media file)"}
+        too_long = duration_error(info, name, self.max_duration)
+        if too_long is not None:
+            return 413, {"error": too_long}
         with self.lock:
-            scored = score_upload(self.predictor, path, name, upload.transcript)
+            scored = score_upload(self.predictor, path, name, upload.transcript or None)
         result = scored.prediction
         status = 200 if scored.fault is None else 422 if scored.fault == "input" else 500
         if status == 200:
@@ -281,40 +285,53 @@ class Service:
         return status, result.to_dict() if status == 200 else {"error": result.error}
 
 
-def build_app(predictor: Predictor, work_dir: Path, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * MB)) -> FastAPI:
+def build_app(predictor: Predictor, work_dir: Path, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * MB),
+              max_duration: float = DEFAULT_MAX_DURATION, max_queue: int = DEFAULT_MAX_QUEUE,
+              read_timeout: float = DEFAULT_READ_TIMEOUT) -> FastAPI:
     """The API and the page on one app; their files go under ``work_dir`` (an existing private folder; see
     :func:`use_gradio_cache`)."""
     gr = use_gradio_cache(work_dir)
-    service = Service(predictor, work_dir, max_upload_bytes)
+    service = Service(predictor, work_dir, max_upload_bytes, max_duration, max_queue, read_timeout)
     app = FastAPI(title="almt serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/api/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         return service.health()
 
     @app.post("/api/predict")
     async def predict(request: Request) -> Response:
-        folder, body = Path(tempfile.mkdtemp(dir=service.uploads)), Body(request)
+        body = Body(request)
+        if service.active >= service.max_queue:
+            await body.discard()
+            busy = f"the server is busy ({service.max_queue} requests waiting or being scored, --max-queue): try later"
+            return JSONResponse({"error": busy}, status_code=503, headers={"Retry-After": "30"})
+        service.active += 1
+        folder = Path(tempfile.mkdtemp(dir=service.uploads))
         try:
-            upload = await read_upload(body, folder, service.limit)
+            upload = await asyncio.wait_for(read_upload(body, folder, service.limit), service.read_timeout)
             status, answer = await run_in_threadpool(service.score, upload)
         except ApiError as e:
             await body.discard()
             status, answer = e.status, {"error": str(e)}
         except ClientDisconnect:
             return Response(status_code=400)  # nobody reads it
+        except asyncio.TimeoutError:  # an OSError: before that
+            status, answer = 408, {"error": f"the request's body did not arrive within {service.read_timeout:g} s"}
         except OSError as e:  # a full disk, ...
             status, answer = 500, {"error": f"the server cannot store the upload ({one_line(e)})"}
         finally:
+            service.active -= 1
             shutil.rmtree(folder, ignore_errors=True)
         if status == 200:  # the bytes of `almt predict --json` (NaN kept as the CLI prints it)
             return Response(json.dumps(answer, ensure_ascii=False), media_type="application/json")
         return JSONResponse(answer, status_code=status)
 
-    page = build_page(predictor, service.lock, work_dir)
+    page = build_page(predictor, service.lock, work_dir, max_upload_bytes, max_duration)
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    return gr.mount_gradio_app(app, page, "/", theme=theme, css=CSS, footer_links=[], run_history=False,
-                               mcp_server=False, max_file_size=max_upload_bytes, show_error=True)
+    app = gr.mount_gradio_app(app, page, "/", theme=theme, css=CSS, footer_links=[], run_history=False,
+                              mcp_server=False, max_file_size=max_upload_bytes, show_error=True)
+    page.has_launched = True  # Gradio checks the paths in a request only then: files outside its cache are refused
+    return app
 
 
 def use_gradio_cache(work_dir: Path) -> Any:
@@ -329,10 +346,13 @@ def use_gradio_cache(work_dir: Path) -> Any:
     return gradio
 
 
-def check_upload_limit(max_upload_mb: float) -> int:
-    """--max-upload-mb in bytes (positive)."""
+def check_upload_limit(max_upload_mb: float, **others: float) -> int:
+    """--max-upload-mb in bytes (positive); ``others`` (option name with _ for -: value) must be positive too."""
     if not (max_upload_mb > 0 and max_upload_mb * MB < 2**62):
         raise ConfigError(f"--max-upload-mb must be a positive number of MiB, got {max_upload_mb:g}")
+    for option, value in others.items():
+        if not 0 < value < math.inf:
+            raise ConfigError(f"--{option.replace('_', '-')} must be a positive number, got {value:g}")
     return int(max_upload_mb * MB)
 
 
@@ -356,23 +376,23 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def is_loopback(sock: socket.socket) -> bool:
-    return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
-
-
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-@contextmanager
-def server_folder() -> Iterator[Path]:
-    """A private folder (0700) under the system's temporary folder, removed with all it holds afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix="almt-serve-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def stop_scoring(folder: Path) -> None:
+    """Once the server has stopped: give the threads still scoring (or waiting to) FORCE_S seconds to end; when one
+    has not, remove ``folder`` and exit at once (130, interrupted) rather than wait for it."""
+    end = time.monotonic() + FORCE_S
+    others = [t for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
+    for thread in others:
+        thread.join(max(0.0, end - time.monotonic()))
+    if not any(t.is_alive() for t in others):
+        return
+    log.warning("interrupted: stopped without finishing the clip being scored")
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(130)
 
 
 def warm_up(predictor: Predictor, folder: Path) -> None:
@@ -397,13 +417,17 @@ def warm_up(predictor: Predictor, folder: Path) -> None:
 
 
 def serve(checkpoint: str | Path | None = None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, device: str = "auto", access_log: bool = False,
-          on_ready: Callable[[str], None] | None = None) -> None:
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_duration: float = DEFAULT_MAX_DURATION,
+          max_queue: int = DEFAULT_MAX_QUEUE, read_timeout: float = DEFAULT_READ_TIMEOUT, device: str = "auto",
+          access_log: bool = False, on_ready: Callable[[str], None] | None = None) -> None:
     """Load ``checkpoint`` (default: the newest under runs/) and its extractors, then serve the page and the
     API on ``host``:``port`` until Ctrl-C or SIGTERM; ``on_ready(url)`` is called once it accepts requests."""
-    limit = check_upload_limit(max_upload_mb)
-    with sigterm_as_interrupt(), bind(host, port) as sock, server_folder() as work_dir:
-        if not is_loopback(sock):
+    limit = check_upload_limit(max_upload_mb, max_duration=max_duration, max_queue=max_queue,
+                               read_timeout=read_timeout)
+    with sigterm_as_interrupt(), bind(host, port) as sock, \
+            tempfile.TemporaryDirectory(prefix="almt-serve-", ignore_cleanup_errors=True) as folder:  # mode 0700
+        work_dir = Path(folder)
+        if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
             log.warning("warning: the server has no authentication: on %s anyone who can reach port %d can send "
                         "it clips and read the results (--host 127.0.0.1 keeps it to this machine)",
                         host, sock.getsockname()[1])
@@ -411,7 +435,7 @@ def serve(checkpoint: str | Path | None = None, *, host: str = DEFAULT_HOST, por
         t = time.perf_counter()
         predictor = Predictor(checkpoint, device=device, preload_asr=True)
         warm_up(predictor, work_dir)
-        app = build_app(predictor, work_dir, limit)
+        app = build_app(predictor, work_dir, limit, max_duration, max_queue, read_timeout)
         for name in ("uvicorn.error", "uvicorn.access"):
             logging.getLogger(name).setLevel(logging.INFO if access_log else logging.WARNING)
         server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=access_log, lifespan="on",
@@ -419,4 +443,7 @@ def serve(checkpoint: str | Path | None = None, *, host: str = DEFAULT_HOST, por
         sock.listen(128)
         log.info("loaded %s and warmed up in %.1f s", predictor.path, time.perf_counter() - t)
         (on_ready or (lambda u: results_log.info("serving on %s", u)))(url_of(sock))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        finally:
+            stop_scoring(work_dir)

@@ -37,7 +37,8 @@ from .extractors.clip import ClipFailure, ClipResult, run_guarded
 from .extractors.faces import BOX_NAMES
 from .media import iter_frames
 from .metrics import LABEL_RANGES, canonical_scale
-from .prediction import Prediction, Predictor, Window, weighted_score
+from .prediction import WINDOW_BATCH, Prediction, Predictor, Window, weighted_score
+from .probe import MediaInfo, probe
 from .robustness import MODALITIES, remove_modality
 from .utils import one_line
 
@@ -55,6 +56,9 @@ CROP_MARGIN = 0.35  # crop margin around the landmarks, times the landmarks' box
 CONTOURS = ((0, 16, False), (17, 21, False), (22, 26, False), (27, 30, False), (31, 35, False),
             (36, 41, True), (42, 47, True), (48, 59, True), (60, 67, True))
 T = TypeVar("T")
+FIELD_LIMIT = 1 << 20  # bytes of a transcript, on the page and the API (sidecar transcripts have the same cap)
+MAX_FILES = 20  # clips the page takes per analysis
+VIEW_WINDOWS = 8  # text windows above which the contributions and the attention maps are not computed
 REMOVED = {"text": "text (tokens → [UNK])", "audio": "audio (frames zeroed)", "vision": "vision (frames zeroed)"}
 
 CSS = """
@@ -124,19 +128,28 @@ def score_upload(predictor: Predictor, path: Path, name: str, transcript: str | 
 
 def modality_scores(predictor: Predictor, features: ClipResult) -> dict[str, float | None]:
     """The clip's score with each modality removed (see the module's description); None for a modality
-    the model is built without, or text when the tokenizer has no [UNK]."""
-    windows, inputs = predictor.model_inputs(features)
-    n = len(windows)
-    split = Split("clip", np.arange(n).astype(str), tuple(t.cpu() for t in inputs), torch.full((n,), math.nan))
+    the model is built without, or text when the tokenizer has no [UNK]. Windows go WINDOW_BATCH at a time."""
+    windows = predictor._text_windows(features)
     unk = predictor.checkpoint.tokenizer.unk_token_id
-    out: dict[str, float | None] = {}
-    for modality in MODALITIES:
-        if modality in predictor.cfg.model.drop_modalities or (modality == "text" and unk is None):
-            out[modality] = None
-            continue
-        scores = predictor.score_inputs(remove_modality(split, modality, unk).inputs)
-        out[modality] = weighted_score([Window(0.0, 0.0, w.tokens, s) for w, s in zip(windows, scores)])
-    return out
+    kept = [m for m in MODALITIES if not (m in predictor.cfg.model.drop_modalities or (m == "text" and unk is None))]
+    scores: dict[str, list[float]] = {m: [] for m in kept}
+    for first in range(0, len(windows), WINDOW_BATCH):
+        part = windows[first:first + WINDOW_BATCH]
+        inputs = predictor._window_inputs(part, features.audio, features.vision)
+        n = len(part)
+        split = Split("clip", np.arange(n).astype(str), tuple(t.cpu() for t in inputs), torch.full((n,), math.nan))
+        for modality in kept:
+            scores[modality] += predictor.score_inputs(remove_modality(split, modality, unk).inputs)
+    return {m: weighted_score([Window(0.0, 0.0, w.tokens, s) for w, s in zip(windows, scores[m])])
+            if m in scores else None for m in MODALITIES}
+
+
+def duration_error(info: MediaInfo, name: str, max_duration: float) -> str | None:
+    """The one line refusing a clip longer than ``max_duration`` seconds (--max-duration); None when it is not."""
+    if info.duration is not None and info.duration > max_duration:
+        return f"{name}: the clip lasts {info.duration:g} s, longer than the server's limit of {max_duration:g} s " \
+               "(--max-duration)"
+    return None
 
 
 def attention_png(predictor: Predictor, features: ClipResult, name: str, folder: Path) -> bytes | None:
@@ -249,6 +262,12 @@ def clip_report(predictor: Predictor, faces: FaceCrops, path: Path, name: str, t
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work_dir) as folder:
         report.faces = _view(report, "the face crops", lambda: faces(path, features)) or []
+        count = len(report.scored.prediction.windows)
+        if count > VIEW_WINDOWS:
+            report.notes.append(f"The modality contributions and attention maps are not computed for a transcript "
+                                f"of {count} text windows (more than {VIEW_WINDOWS}).")
+            report.seconds = time.perf_counter() - t
+            return report
         report.without = _view(report, "the modality contributions", lambda: modality_scores(predictor, features)) or {}
         report.attention_png = _view(report, "the attention maps",
                                      lambda: attention_png(predictor, features, name, Path(folder)))
@@ -324,16 +343,50 @@ def render_report(report: ClipReport, bound: float, maps_open: bool = True) -> s
     return "".join(parts) + "</section>"
 
 
-def build_page(predictor: Predictor, lock: threading.Lock, work_dir: Path) -> gr.Blocks:
+def check_request(files: list[str] | None, transcript: str | None, page_dir: Path, max_upload_bytes: int) -> str | None:
+    """The one line refusing a page request: too many files, a path that is not an upload of this page (inside
+    ``page_dir``), more bytes than ``max_upload_bytes`` in all, a transcript longer than FIELD_LIMIT; else None."""
+    if len(files or []) > MAX_FILES:
+        return f"{len(files or [])} files: the page takes at most {MAX_FILES} clips per analysis"
+    total = 0
+    for f in files or []:
+        path = Path(f).resolve()
+        if not path.is_relative_to(page_dir) or not path.is_file():
+            return f"{Path(f).name}: not a file uploaded to this page (refused)"
+        total += path.stat().st_size
+    if total > max_upload_bytes:
+        return f"the clips ({total / (1 << 20):.1f} MiB in all) are larger than the server's upload limit of " \
+               f"{max_upload_bytes / (1 << 20):g} MiB (--max-upload-mb)"
+    if len((transcript or "").encode("utf-8", "replace")) > FIELD_LIMIT:
+        return f"the transcript is larger than {FIELD_LIMIT >> 20} MiB"
+    return None
+
+
+def build_page(predictor: Predictor, lock: threading.Lock, work_dir: Path, max_upload_bytes: int = 200 << 20,
+               max_duration: float = 600.0) -> gr.Blocks:
     """The Blocks of the page; clips are scored one at a time under ``lock`` (shared with the API). Gradio is
     imported here: it reads its cache folder (GRADIO_TEMP_DIR) when imported."""
     import gradio as gr
 
     bound = LABEL_RANGES[canonical_scale(predictor.label_scale)]
     faces = FaceCrops(predictor)
+    page_dir = (work_dir / "page").resolve()
+
+    def report_of(path: Path, text: str | None) -> ClipReport:
+        try:
+            refused = duration_error(probe(path), path.name, max_duration)
+        except AlmtError:
+            refused = None  # scoring gives the file's one-line error
+        if refused is not None:
+            return ClipReport(Scored(Prediction(path=path.name, error=refused), fault="input"))
+        with lock:
+            return clip_report(predictor, faces, path, path.name, text, work_dir)
 
     def analyse(files: list[str] | None, transcript: str | None,
                 progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008 - Gradio's progress hook
+        refused = check_request(files, transcript, page_dir, max_upload_bytes)
+        if refused is not None:
+            return "failed", "The request was refused.", gr.Textbox(value=f"error: {refused}", visible=True), "", []
         paths = [Path(f) for f in files or []]
         text = (transcript or "").strip() or None
         if not paths:
@@ -344,8 +397,7 @@ def build_page(predictor: Predictor, lock: threading.Lock, work_dir: Path) -> gr
         reports = []
         for i, path in enumerate(paths):
             progress((i, len(paths)), desc=f"{path.name} ({i + 1} of {len(paths)})", unit="clips")
-            with lock:
-                reports.append(clip_report(predictor, faces, path, path.name, text, work_dir))
+            reports.append(report_of(path, text))
         results = [r.scored.prediction for r in reports]
         errors = [f"error: {r.error}" for r in results if r.error is not None]
         first = results[0]

@@ -6,6 +6,7 @@ with `almt predict --json` on the same clip. The argument checks and upload-name
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 CLIP = SAMPLES / "new_clip.mp4"
 TRANSCRIPT = "I really loved this film, it was wonderful."
 LIMIT_MB = 1  # the test server's --max-upload-mb
+MAX_DURATION, MAX_QUEUE, READ_TIMEOUT = 60, 3, 3  # and its --max-duration, --max-queue, --read-timeout
 runner = CliRunner()
 
 
@@ -111,7 +113,9 @@ def checkpoint(tmp_path_factory, data_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory) -> Iterator[Server]:
-    s = start_server(checkpoint, tmp_path_factory.mktemp("serve"), "--max-upload-mb", str(LIMIT_MB))
+    s = start_server(checkpoint, tmp_path_factory.mktemp("serve"), "--max-upload-mb", str(LIMIT_MB),
+                     "--max-duration", str(MAX_DURATION), "--max-queue", str(MAX_QUEUE),
+                     "--read-timeout", str(READ_TIMEOUT))
     yield s
     s.stop()
 
@@ -270,6 +274,91 @@ def test_oversized_requests_are_413(server):
     assert httpx.get(server.url + "api/health", timeout=30).status_code == 200  # and the server goes on
 
 
+def page_call(server: Server, files: list[str], transcript: str = "") -> str:
+    """The page's `analyse` called as Gradio's API is (POST, then the event stream of the result): the stream."""
+    data = [[{"path": f, "meta": {"_type": "gradio.FileData"}} for f in files], transcript]
+    r = httpx.post(server.url + "gradio_api/call/analyse", json={"data": data}, timeout=30)
+    assert r.status_code == 200, r.text
+    return httpx.get(server.url + f"gradio_api/call/analyse/{r.json()['event_id']}", timeout=120).text
+
+
+@pytest.mark.slow
+def test_page_scores_no_file_outside_its_uploads(server):
+    for path in ("/etc/passwd", str(CLIP)):
+        stream = page_call(server, [path])
+        assert "event: error" in stream or "not a file uploaded to this page" in stream, stream
+        assert "root:" not in stream and '"score"' not in stream
+    names = {p.name for folder in server.folders() for p in folder.rglob("*")}
+    assert not names & {"passwd", CLIP.name}  # nothing copied into the server's folder
+
+
+def long_clip(folder: Path) -> Path:
+    """A small file of MAX_DURATION + 10 s of silence (low-bitrate Opus)."""
+    from almt_pipeline.probe import ffmpeg_exe
+
+    long = folder / "long.ogg"
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono",
+                    "-t", str(MAX_DURATION + 10), "-c:a", "libopus", "-b:a", "6k", str(long)], check=True)
+    assert long.stat().st_size < 200_000
+    return long
+
+
+@pytest.mark.slow
+def test_page_refuses_long_clips_and_too_many(server, tmp_path):
+    long = long_clip(tmp_path)
+    (path,) = httpx.post(server.url + "gradio_api/upload", files=[("files", (long.name, long.read_bytes()))],
+                         timeout=30).json()
+    stream = page_call(server, [path])
+    assert "event: complete" in stream and "(--max-duration)" in stream and "the clip lasts 70" in stream, stream
+    stream = page_call(server, [path] * 21)
+    assert "21 files: the page takes at most 20 clips per analysis" in stream, stream
+
+
+@pytest.mark.slow
+def test_clips_longer_than_max_duration_are_413(server, tmp_path):
+    long = long_clip(tmp_path)
+    r = post(server, long, transcript=TRANSCRIPT)
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error.startswith("long.ogg: the clip lasts 70") and "\n" not in error
+    assert error.endswith(f"longer than the server's limit of {MAX_DURATION:g} s (--max-duration)")
+
+
+@pytest.mark.slow
+def test_repeated_or_undecodable_transcripts_are_400(server):
+    url, clip = server.url + "api/predict", {"clip": ("a.mp4", CLIP.read_bytes())}
+    r = httpx.post(url, files={**clip, "transcript": (None, "one")}, data={"transcript": ["one", "two"]}, timeout=60)
+    assert r.status_code == 400 and "more than one 'transcript'" in r.json()["error"]
+    r = httpx.post(url, files=[("clip", ("a.mp4", CLIP.read_bytes())), ("transcript", (None, b"caf\xe9"))],
+                   timeout=60)
+    assert r.status_code == 400 and "not UTF-8" in r.json()["error"]
+
+
+@pytest.mark.slow
+def test_queue_is_bounded_slow_bodies_time_out_and_health_answers(server):
+    host, port = server.url.removeprefix("http://").rstrip("/").split(":")
+    stalled = []
+    for _ in range(MAX_QUEUE):  # headers and a part of the body, then nothing
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                  b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"clip\"; "
+                  b"filename=\"a.mp4\"\r\n\r\nabc")
+        stalled.append(s)
+    time.sleep(0.5)
+    t = time.perf_counter()
+    assert httpx.get(server.url + "api/health", timeout=30).status_code == 200
+    assert time.perf_counter() - t < 1.0
+    busy = post(server, CLIP, transcript=TRANSCRIPT)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "30" and "--max-queue" in busy.json()["error"]
+    (folder,) = server.folders()
+    assert len(list((folder / "api").iterdir())) == MAX_QUEUE
+    for s in stalled:
+        assert s.recv(100).startswith(b"HTTP/1.1 408 ")
+        s.close()
+    assert list((folder / "api").iterdir()) == []
+    assert post(server, CLIP, transcript=TRANSCRIPT).status_code == 200  # the queue is free again
+
+
 @pytest.mark.slow
 def test_uploads_are_removed_and_the_folder_on_exit(server):
     post(server, CLIP, transcript=TRANSCRIPT)
@@ -363,3 +452,55 @@ def test_upload_names():
     assert stored_name("my clip.MOV") == "clip.mov"
     assert stored_name("notes.txt") == stored_name("subs.srt") == "clip"  # never its own sidecar
     assert stored_name("x.weird ext") == "clip"
+
+
+def test_page_requests_are_checked(tmp_path):
+    from almt_pipeline.serve_page import FIELD_LIMIT, MAX_FILES, check_request
+
+    page = tmp_path / "page"
+    (page / "h").mkdir(parents=True)
+    clip = page / "h" / "a.mp4"
+    clip.write_bytes(b"x" * 1000)
+    assert check_request([str(clip)], "words", page, 10_000) is None
+    assert check_request(["/etc/passwd"], "", page, 10_000) == "passwd: not a file uploaded to this page (refused)"
+    assert "not a file uploaded" in check_request([str(page / "h" / ".." / ".." / "x.mp4")], "", page, 10_000)
+    assert f"at most {MAX_FILES} clips" in check_request([str(clip)] * (MAX_FILES + 1), "", page, 10**9)
+    assert "upload limit" in check_request([str(clip)] * 3, "", page, 2500)
+    assert check_request([str(clip)], "a" * (FIELD_LIMIT + 1), page, 10_000) == "the transcript is larger than 1 MiB"
+
+
+@pytest.mark.slow
+def test_long_transcripts_skip_the_extra_views(predictor, tmp_path):
+    from almt_pipeline.serve_page import VIEW_WINDOWS, FaceCrops, clip_report
+
+    report = clip_report(predictor, FaceCrops(predictor), CLIP, "new_clip.mp4", " ".join([TRANSCRIPT] * 200), tmp_path)
+    assert len(report.scored.prediction.windows) > VIEW_WINDOWS
+    assert report.without == {} and report.attention_png is None
+    assert any("not computed" in n for n in report.notes)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_long_job_exits_in_bounded_time(checkpoint, tmp_path):
+    from almt_pipeline.probe import ffmpeg_exe
+    from almt_pipeline.serve import FORCE_S, SHUTDOWN_S
+
+    clip = tmp_path / "long.mp4"  # 300 s of video: scoring it takes far longer than the shutdown's bound
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=320x240:rate=5:duration=300", "-f", "lavfi", "-i", "sine=frequency=300:duration=300",
+                    "-c:v", "mpeg4", "-b:v", "50k", "-c:a", "aac", "-b:a", "16k", "-shortest", str(clip)], check=True)
+    s = start_server(checkpoint, tmp_path / "root")
+    job = threading.Thread(target=_post_quietly, args=(s, clip), daemon=True)
+    job.start()
+    time.sleep(4)
+    assert s.proc.poll() is None and len(s.folders()) == 1
+    t = time.perf_counter()
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=SHUTDOWN_S + FORCE_S + 20) == 130
+    assert time.perf_counter() - t < SHUTDOWN_S + FORCE_S + 10
+    assert s.folders() == []
+    assert "stopped without finishing the clip being scored" in s.log.read_text()
+
+
+def _post_quietly(server: Server, clip: Path) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the server stops under it
+        post(server, clip)  # speech recognition over 300 s: long
