@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -43,7 +42,7 @@ from .config import Config, ModelConfig, is_released_architecture, replace_confi
 from .errors import ConfigError
 from .files import atomic_write, atomic_write_csv, atomic_write_json, check_writable
 from .metrics import HEADLINE_METRICS, canonical_scale
-from .utils import one_line, results_log
+from .utils import results_log
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +170,7 @@ def _results_only_at_the_end(quiet: bool) -> Iterator[None]:
 def _check_same_settings(run_dir: Path, cfg: Config, data_path: Path) -> None:
     """A variant folder from an earlier call must have been trained with the settings and the data
     asked for now (else its numbers would sit in one table with runs made differently)."""
-    from .runs import RUN_FILE, config_differences, load_run_config
+    from .runs import RUN_FILE, config_differences, load_run_config, read_run_file
 
     if not (run_dir / RUN_FILE).is_file():
         return
@@ -179,10 +178,7 @@ def _check_same_settings(run_dir: Path, cfg: Config, data_path: Path) -> None:
     if diff:
         raise ConfigError(f"{run_dir}: this variant was trained with other settings ({'; '.join(diff[:3])}); "
                           "give the same options as before, or another --out")
-    try:
-        trained_on = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")).get("data")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{run_dir / RUN_FILE}: unreadable run file ({one_line(e)})") from e
+    trained_on = read_run_file(run_dir).get("data")
     if trained_on and Path(trained_on).resolve() != data_path.resolve():
         raise ConfigError(f"{run_dir}: this variant was trained on {trained_on}, not {data_path}; "
                           "use another --out for another feature file")

@@ -18,7 +18,9 @@ import typer
 from . import cli_analyses, cli_explain, cli_serve
 from .cli_common import (
     DEFAULT_FEATURES,
+    CheckpointOpt,
     ConfigOpt,
+    DataOpt,
     DeviceOpt,
     EvalBatchOpt,
     QuietOpt,
@@ -107,7 +109,7 @@ def train(
         help=f"Built-in config ({', '.join(BUILTIN_CONFIGS)}) or a YAML file "
              "(default: default; with --resume: the run's own config).",
     ),
-    data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
+    data: Path = DataOpt,
     out: Path | None = typer.Option(
         None, "--out", "-o",
         help="Run directory (default: runs/<date-time>; with --resume: the newest run).",
@@ -171,11 +173,8 @@ def train(
 @app.command()
 @one_line_errors
 def evaluate(
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint",
-        help="Checkpoint directory (default: the newest under runs/).",
-    ),
-    data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
+    checkpoint: Path | None = CheckpointOpt,
+    data: Path = DataOpt,
     split: str = typer.Option("test", "--split", help=f"Split to score ({', '.join(SPLITS)})."),
     predictions: Path | None = typer.Option(
         None, "--predictions",
@@ -201,10 +200,7 @@ def evaluate(
 @one_line_errors
 def predict(
     input: Path = typer.Argument(..., help="A clip or a folder of clips."),
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint",
-        help="Checkpoint directory (default: the newest under runs/).",
-    ),
+    checkpoint: Path | None = CheckpointOpt,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per clip instead of text."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Also write results to a .jsonl or .csv file."),
     device: str = DeviceOpt,

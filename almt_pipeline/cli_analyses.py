@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 
 from .cli_common import (
-    DEFAULT_FEATURES,
     ConfigOpt,
+    DataOpt,
     DeviceOpt,
     EvalBatchOpt,
     QuietOpt,
@@ -29,7 +29,7 @@ def robustness(
         None, "--checkpoint",
         help="Checkpoint directory; repeat the option to compare models (default: the newest under runs/).",
     ),
-    data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
+    data: Path = DataOpt,
     split: str = typer.Option("test", "--split", help=f"Labelled split to score ({', '.join(SPLITS)}).",),
     rates: str = typer.Option(
         "0:0.9:0.1", "--rates",
@@ -66,7 +66,7 @@ def robustness(
 
 @one_line_errors
 def ablate(
-    data: Path = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle."),
+    data: Path = DataOpt,
     config: str = ConfigOpt,
     variants: str = typer.Option(
         "default", "--variants",

@@ -34,6 +34,8 @@ QuietOpt = typer.Option(
     help="No progress bars or per-step messages; warnings, errors and final results only.",
 )
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+CheckpointOpt = typer.Option(None, "--checkpoint", help="Checkpoint directory (default: the newest under runs/).")
+DataOpt = typer.Option(DEFAULT_FEATURES, "--data", "-d", help="MMSA-format feature pickle.")
 EvalBatchOpt = typer.Option(
     None, "--batch-size",
     help="Samples per batch when scoring (default: the checkpoint config's train.eval_batch_size).",

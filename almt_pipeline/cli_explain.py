@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .cli_common import DeviceOpt, EvalBatchOpt, QuietOpt, VerboseOpt, one_line_errors, setup_logging
+from .cli_common import CheckpointOpt, DeviceOpt, EvalBatchOpt, QuietOpt, VerboseOpt, one_line_errors, setup_logging
 from .errors import ConfigError
 from .schema import SPLITS, check_split
 
@@ -23,10 +23,7 @@ def explain(
         None, metavar="CLIP_OR_ID",
         help="A media file (scored as `almt predict` does), or with --data a sample id; none with --average.",
     ),
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint",
-        help="Checkpoint directory (default: the newest under runs/).",
-    ),
+    checkpoint: Path | None = CheckpointOpt,
     data: Path | None = typer.Option(
         None, "--data", "-d",
         help="MMSA-format feature pickle: CLIP_OR_ID is then the id of one of its samples.",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import DeviceOpt, QuietOpt, VerboseOpt, one_line_errors, setup_logging
+from .cli_common import CheckpointOpt, DeviceOpt, QuietOpt, VerboseOpt, one_line_errors, setup_logging
 from .errors import DependencyError
 from .utils import one_line
 
@@ -18,10 +18,7 @@ DEFAULT_MAX_DURATION, DEFAULT_MAX_QUEUE, DEFAULT_READ_TIMEOUT = 600.0, 8, 120.0
 
 @one_line_errors
 def serve(
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint",
-        help="Checkpoint directory (default: the newest under runs/).",
-    ),
+    checkpoint: Path | None = CheckpointOpt,
     host: str = typer.Option(
         DEFAULT_HOST, "--host",
         help="Address to listen on. The server has no authentication: any other than 127.0.0.1 (or ::1) lets "

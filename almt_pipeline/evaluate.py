@@ -12,7 +12,7 @@ import torch
 
 from .batches import Split, amp_dtype, check_token_ids, predict_split, to_split
 from .errors import ConfigError, FeatureFileError
-from .features import load_features
+from .features import FeatureFile, load_features
 from .files import atomic_write_csv
 from .metrics import format_metrics, split_metrics
 from .model.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -63,21 +63,28 @@ def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *,
 
 def load_scored_split(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, split: str,
                       device: torch.device) -> tuple[LoadedCheckpoint, Split]:
-    """A checkpoint and one split of a feature file it can score: the file is read with the
-    checkpoint's model sizes and label scale, its features must be the ones the checkpoint was
-    trained on, and its token ids must fit the checkpoint's text model."""
+    """A checkpoint and one split of a feature file it can score (see :func:`load_checked_features`)."""
     ckpt = load_checkpoint(checkpoint_dir, device)
-    data = load_features(data_path, model_cfg=ckpt.cfg.model, splits=(split,), require_labels=False,
+    data = load_checked_features(ckpt, checkpoint_dir, data_path, (split,))
+    return ckpt, to_split(split, data.splits[split])
+
+
+def load_checked_features(ckpt: LoadedCheckpoint, checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike,
+                          splits: tuple[str, ...] | None) -> FeatureFile:
+    """The ``splits`` of a feature file (None: all it has) that checkpoint ``ckpt`` can score: the file
+    is read with the checkpoint's model sizes and label scale, its features must be the ones the
+    checkpoint was trained on, and its token ids must fit the checkpoint's text model."""
+    data = load_features(data_path, model_cfg=ckpt.cfg.model, splits=splits, require_labels=False,
                          label_scale=ckpt.label_scale)
     check_feature_names(ckpt.feature_meta, data.meta, Path(checkpoint_dir), Path(data_path))
-    s = to_split(split, data.splits[split])
     text_config: Any = getattr(ckpt.model.text_encoder, "config", None)
     if text_config is not None:
-        check_token_ids([s], int(text_config.vocab_size), ckpt.cfg.model.text_model)
+        check_token_ids([to_split(name, a) for name, a in data.splits.items()], int(text_config.vocab_size),
+                        ckpt.cfg.model.text_model)
     if data.label_scale != ckpt.label_scale:
         logger.warning("%s: label scale %s differs from the checkpoint's %s; using the checkpoint's",
                        data_path, data.label_scale, ckpt.label_scale)
-    return ckpt, s
+    return data
 
 
 def check_feature_names(ckpt_meta: dict[str, Any], file_meta: dict[str, Any], ckpt_dir: Path,

@@ -23,12 +23,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batches import check_token_ids, make_loader, to_split
+from .batches import make_loader, to_split
 from .config import config_to_dict
 from .errors import ConfigError, FeatureFileError
-from .evaluate import check_feature_names
+from .evaluate import load_checked_features
 from .explain_plots import plot_attention, plot_perturbation, plot_summary
-from .features import FeatureFile, load_features
+from .features import FeatureFile
 from .files import atomic_write_json, check_writable
 from .model.checkpoint import LoadedCheckpoint, load_checkpoint
 from .prediction import Predictor, Window, frame_span, weighted_score
@@ -154,27 +154,14 @@ def clip_sample(predictor: Predictor, clip: str | os.PathLike, transcript: str |
         sample.timing[modality] = (f"{raw} frames mean-pooled into {max_len} positions" if raw > max_len
                                    else f"{raw} frames, one per position")
     if len(windows) > 1:
-        with torch.inference_mode():
-            scores = ckpt.model(*inputs[:3], audio_lengths=inputs[3], vision_lengths=inputs[4])  # (W,)
-        scored = [Window(w.start * result.duration, w.end * result.duration, w.tokens, float(s))
-                  for w, s in zip(windows, scores.float().cpu())]
+        scores = predictor.score_windows(windows, result.audio, result.vision)
+        scored = [Window(w.start * result.duration, w.end * result.duration, w.tokens, s)
+                  for w, s in zip(windows, scores)]
         sample.clip_score = weighted_score(scored)
         sample.notes.append(f"the transcript ({sum(w.tokens for w in windows)} tokens) does not fit the model's "
                             f"text length {m.text_len}: the maps are of its first window ({scored[0].start:.1f}-"
                             f"{scored[0].end:.1f} s) of {len(windows)}; the clip's score is {sample.clip_score:+.3f}")
     return sample
-
-
-def load_data(ckpt: LoadedCheckpoint, ckpt_dir: Path, data_path: Path, splits: tuple[str, ...] | None) -> FeatureFile:
-    """The feature file (``splits``; None: all it has), with the checks of ``almt evaluate``."""
-    data = load_features(data_path, model_cfg=ckpt.cfg.model, splits=splits, require_labels=False,
-                         label_scale=ckpt.label_scale)
-    check_feature_names(ckpt.feature_meta, data.meta, ckpt_dir, data_path)
-    text_config: Any = getattr(ckpt.model.text_encoder, "config", None)
-    if text_config is not None:
-        check_token_ids([to_split(s, a) for s, a in data.splits.items()], int(text_config.vocab_size),
-                        ckpt.cfg.model.text_model)
-    return data
 
 
 def file_sample(ckpt: LoadedCheckpoint, data: FeatureFile, sample_id: str, device: torch.device) -> Sample:
@@ -285,7 +272,7 @@ def explain(checkpoint: str | os.PathLike, target: str | os.PathLike, out_dir: s
         settings: dict[str, Any] = {"kind": "clip", "clip_score": sample.clip_score}
     else:
         ckpt = load_checkpoint(ckpt_dir, resolve_device(device))
-        file = load_data(ckpt, ckpt_dir, Path(data), (split,) if split else None)
+        file = load_checked_features(ckpt, ckpt_dir, data, (split,) if split else None)
         sample = file_sample(ckpt, file, str(target), next(ckpt.model.parameters()).device)
         settings = {"kind": "sample", "data": str(data), "split": sample.split}
     ex = explain_sample(ckpt, sample)
@@ -311,7 +298,7 @@ def explain_average(checkpoint: str | os.PathLike, data: str | os.PathLike, out_
     check_writable(out_dir, folder=True)
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, dev)
-    file = load_data(ckpt, Path(checkpoint), Path(data), (split,))
+    file = load_checked_features(ckpt, checkpoint, data, (split,))
     ex = average_maps(ckpt, file, split, batch_size or ckpt.cfg.train.eval_batch_size, dev, quiet)
     return _finish(ex, ckpt, Path(checkpoint), Path(out_dir), {"kind": "average", "data": str(data), "split": split})
 

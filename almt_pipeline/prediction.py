@@ -154,7 +154,7 @@ class Predictor:
         result = self.extractor(clip, transcript=transcript, transcript_source=transcript_source)
         t = time.perf_counter()
         text_windows = self._text_windows(result)
-        scores = self._score_windows(text_windows, result.audio, result.vision)
+        scores = self.score_windows(text_windows, result.audio, result.vision)
         windows = [Window(w.start * result.duration, w.end * result.duration, w.tokens, s)
                    for w, s in zip(text_windows, scores, strict=True)]
         value = weighted_score(windows)
@@ -206,7 +206,7 @@ class Predictor:
             torch.tensor([n for _, n in v], device=dev),  # (B,)
         )
 
-    def _score_windows(self, windows: Sequence[TextWindow], audio: np.ndarray, vision: np.ndarray) -> list[float]:
+    def score_windows(self, windows: Sequence[TextWindow], audio: np.ndarray, vision: np.ndarray) -> list[float]:
         """The model's score for each window (see :meth:`_window_inputs`)."""
         scores: list[float] = []
         for first in range(0, len(windows), WINDOW_BATCH):

@@ -86,15 +86,26 @@ def find_latest_checkpoint(root: str | os.PathLike = DEFAULT_RUNS) -> Path:
     return max(found, key=lambda p: (p / "config.json").stat().st_mtime)
 
 
+def read_run_file(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run file (run.json) of a run directory: its config, data path and device."""
+    path = Path(run_dir) / RUN_FILE
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise TrainingError(f"{path}: not found ({run_dir} is not a training run directory)") from e
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{path}: unreadable run file ({one_line(e)})") from e
+    if not isinstance(run, dict):
+        raise TrainingError(f"{path}: unreadable run file (not a JSON object)")
+    return run
+
+
 def load_run_config(run_dir: str | os.PathLike) -> Config:
     """The Config a run directory was started with (for resuming without repeating options)."""
     path = Path(run_dir) / RUN_FILE
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-        return config_from_dict(run["config"], source=str(path))
-    except FileNotFoundError as e:
-        raise TrainingError(f"{path}: not found ({run_dir} is not a training run directory)") from e
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return config_from_dict(read_run_file(run_dir)["config"], source=str(path))
+    except (KeyError, TypeError) as e:
         raise TrainingError(f"{path}: unreadable run file ({one_line(e)})") from e
 
 
@@ -126,7 +137,7 @@ def check_run_dir(run_dir: Path, cfg: Config, data_path: Path, resume: bool) -> 
         shown = ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else "")
         logger.warning("%s: resuming with the run's own config; ignoring the differing settings "
                        "given now (%s)", run_dir, shown)
-    old_data = json.loads(run_file.read_text(encoding="utf-8")).get("data")
+    old_data = read_run_file(run_dir).get("data")
     if old_data and Path(old_data).resolve() != data_path.resolve():
         logger.warning("%s: the run was started on %s; resuming on %s", run_dir, old_data, data_path)
     return saved

@@ -19,7 +19,7 @@ from almt_pipeline.cli import app
 from almt_pipeline.cli_explain import default_out
 from almt_pipeline.config import Config, ModelConfig, config_to_dict, load_config
 from almt_pipeline.errors import ConfigError, FeatureFileError
-from almt_pipeline.evaluate import evaluate
+from almt_pipeline.evaluate import evaluate, load_checked_features
 from almt_pipeline.explain import (
     explain,
     explain_average,
@@ -27,7 +27,6 @@ from almt_pipeline.explain import (
     file_sample,
     frame_periods,
     frame_seconds,
-    load_data,
     perturb,
     summarise,
     to_json,
@@ -104,7 +103,7 @@ def ckpt_dir(root, text_model) -> Path:
 @pytest.fixture(scope="module")
 def loaded(ckpt_dir, data):
     ckpt = load_checkpoint(ckpt_dir, CPU)
-    return ckpt, load_data(ckpt, ckpt_dir, data, None)
+    return ckpt, load_checked_features(ckpt, ckpt_dir, data, None)
 
 
 def test_maps_are_distributions_of_the_right_shape(loaded):
