@@ -117,6 +117,7 @@ def ablate(cfg: Config, data_path: str | os.PathLike, variants: Sequence[Variant
     """Train every variant of ``cfg`` on ``data_path`` (same protocol, same seeds: ``cfg.train``)
     into ``out_dir/<variant>``, continuing unfinished ones; returns and writes the table."""
     from .model.almt import describe_model
+    from .model.heads import head_spec
     from .runs import read_summary
     from .train import train
 
@@ -143,7 +144,8 @@ def ablate(cfg: Config, data_path: str | os.PathLike, variants: Sequence[Variant
                 raise
         else:
             logger.info("variant %d/%d: %s already trained (%s)", i, len(variants), variant.name, run_dir)
-        rows.append(_row(variant, vcfg, summary, run_dir, describe_model(vcfg.model)["excluding_text"]))
+        params = describe_model(vcfg.model, head_spec(vcfg.train))["excluding_text"]
+        rows.append(_row(variant, vcfg, summary, run_dir, params))
     scale = canonical_scale(rows[0]["label_scale"])
     result = {"data": str(data_path), "config": cfg.name, "seeds": cfg.train.seeds or [cfg.train.seed],
               "label_scale": scale, "std": "population (ddof=0) over seeds", "variants": rows}

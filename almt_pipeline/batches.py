@@ -7,16 +7,18 @@ import contextlib
 import logging
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from .distributed import Group, ShardedBatches
 from .errors import TrainingError
-from .schema import LABEL_KEY, Arrays
+from .schema import LABEL_KEY, UNIMODAL_LABEL_KEYS, Arrays
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class Split:
     ids: np.ndarray  # (N,) str
     inputs: tuple[torch.Tensor, ...]  # text_bert (N,3,L), audio (N,T_a,d_a), vision (N,T_v,d_v), lengths (N,) x2
     labels: torch.Tensor  # (N,) float32, NaN when unlabelled
+    # the file's unimodal labels (regression_labels_T/A/V) by letter: (N,) float32, NaN where missing
+    unimodal: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -59,21 +63,28 @@ def to_split(name: str, arrays: Arrays) -> Split:
     labels = (
         tensor(LABEL_KEY, np.float32).reshape(-1) if LABEL_KEY in arrays else torch.full((n,), float("nan"))
     )  # (N,)
-    return Split(name=name, ids=arrays["id"], inputs=inputs, labels=labels)
+    unimodal = {key[-1]: tensor(key, np.float32).reshape(-1) for key in UNIMODAL_LABEL_KEYS if key in arrays}
+    return Split(name=name, ids=arrays["id"], inputs=inputs, labels=labels, unimodal=unimodal)
 
 
 class _BatchDataset(Dataset[Batch]):
-    """Indexable by a list of sample indices: returns whole batches by tensor indexing."""
+    """Indexable by a list of sample indices: returns whole batches by tensor indexing. With
+    ``weighted``, a last tensor holds each row's weight: 0 for a placeholder row, asked for as
+    ``-1 - index`` (see :class:`.distributed.ShardedBatches`), else 1."""
 
-    def __init__(self, tensors: Batch):
+    def __init__(self, tensors: Batch, weighted: bool = False):
         self.tensors = tensors
+        self.weighted = weighted
 
     def __len__(self) -> int:
         return len(self.tensors[0])
 
     def __getitem__(self, idx: list[int]) -> Batch:
         index = torch.as_tensor(idx, dtype=torch.long)
-        return tuple(t[index] for t in self.tensors)
+        if not self.weighted:
+            return tuple(t[index] for t in self.tensors)
+        rows = torch.where(index < 0, -1 - index, index)
+        return (*(t[rows] for t in self.tensors), (index >= 0).float())
 
 
 def check_token_ids(splits: Iterable[Split], vocab_size: int, text_model: str) -> None:
@@ -88,12 +99,18 @@ def check_token_ids(splits: Iterable[Split], vocab_size: int, text_model: str) -
         )
 
 
-def make_loader(split: Split, batch_size: int, generator: torch.Generator | None, pin: bool) -> DataLoader[Batch]:
-    """Shuffled (seeded ``generator``) or sequential batches of (inputs..., labels)."""
-    ds = _BatchDataset((*split.inputs, split.labels))
+def make_loader(split: Split, batch_size: int, generator: torch.Generator | None, pin: bool,
+                extra: tuple[torch.Tensor, ...] = (), group: Group | None = None) -> DataLoader[Batch]:
+    """Shuffled (seeded ``generator``) or sequential batches of (inputs..., labels, extra...).
+    With an active ``group`` (several training processes), this rank's share of each batch, and a
+    last tensor of row weights (see :mod:`.distributed`)."""
+    sharded = group is not None and group.active
+    ds = _BatchDataset((*split.inputs, split.labels, *extra), weighted=sharded)
     base = RandomSampler(ds, generator=generator) if generator is not None else SequentialSampler(ds)
-    sampler = BatchSampler(base, batch_size=batch_size, drop_last=False)
-    return DataLoader(ds, sampler=sampler, batch_size=None, generator=generator, pin_memory=pin)
+    batches: Sampler[list[int]] = BatchSampler(base, batch_size=batch_size, drop_last=False)
+    if sharded and group is not None:
+        batches = ShardedBatches(batches, group)
+    return DataLoader(ds, sampler=batches, batch_size=None, generator=generator, pin_memory=pin)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -112,21 +129,36 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def forward(model: nn.Module, inputs: Batch, device: torch.device) -> torch.Tensor:
-    """The model's scores (B,) for a batch's inputs (text_bert, audio, vision, lengths x2)."""
-    text_bert, audio, vision, a_len, v_len = (t.to(device, non_blocking=True) for t in inputs)
-    return model(text_bert, audio, vision, audio_lengths=a_len, vision_lengths=v_len)  # (B,)
+N_INPUTS = 5  # a batch starts with the model's inputs: text_bert, audio, vision, lengths x2
+
+
+def forward(model: nn.Module, inputs: Batch, device: torch.device,
+            outputs: dict[str, Any] | None = None) -> torch.Tensor:
+    """The model's scores (B,) for a batch's inputs (text_bert, audio, vision, lengths x2);
+    ``outputs`` receives the auxiliary heads' outputs (see ``ALMT.forward``)."""
+    text_bert, audio, vision, a_len, v_len = (t.to(device, non_blocking=True) for t in inputs[:N_INPUTS])
+    if outputs is None:
+        return model(text_bert, audio, vision, audio_lengths=a_len, vision_lengths=v_len)  # (B,)
+    return model(text_bert, audio, vision, audio_lengths=a_len, vision_lengths=v_len, outputs=outputs)
 
 
 @torch.no_grad()
 def predict_split(model: nn.Module, split: Split, batch_size: int, device: torch.device,
-                  amp: torch.dtype | None, quiet: bool = True) -> np.ndarray:
-    """Predictions (N,) float32 in sample order."""
+                  amp: torch.dtype | None, quiet: bool = True,
+                  stages: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Predictions (N,) float32 in sample order. ``stages`` (a dict) receives, for a model with
+    auxiliary heads, each stage's scores (stage -> (N,)): the fused head and the unimodal heads."""
     model.eval()
     loader = make_loader(split, batch_size, None, pin=device.type == "cuda")
     out = []
+    collected: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc=f"predict {split.name}", unit="batch", leave=False, disable=quiet):
+        outputs: dict[str, Any] | None = {} if stages is not None else None
         with autocast(device, amp):
-            pred = forward(model, batch[:-1], device)  # (B,)
+            pred = forward(model, batch[:-1], device, outputs)  # (B,)
         out.append(pred.float().reshape(-1).cpu())
+        for k, v in (outputs or {}).get("scores", {}).items():
+            collected.setdefault(k, []).append(v.float().reshape(-1).cpu())
+    if stages is not None:
+        stages.update({k: torch.cat(v).numpy() for k, v in collected.items()})
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)

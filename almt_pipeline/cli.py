@@ -11,6 +11,8 @@ environment are printed as one line (``error: ...``) with a non-zero exit status
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -66,7 +68,19 @@ def extract(
         None, "--asr-model",
         help="faster-whisper model name or path for clips without a transcript.",
     ),
-    workers: int = typer.Option(1, "--workers", "-j", help="Clips processed in parallel."),
+    workers: int | None = typer.Option(
+        None, "--workers", "-j",
+        help="Clips processed in parallel (default: 1; with --engine ray: one per CPU of the Ray cluster).",
+    ),
+    engine: str = typer.Option(
+        "local", "--engine",
+        help="local (this machine: in-process or --workers processes) or ray (a Ray cluster; needs "
+             "the package's ray extra).",
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address",
+        help="With --engine ray: auto or HOST:PORT of a running Ray cluster (default: start a local Ray).",
+    ),
     unlabeled_split: str = typer.Option(
         "test", "--unlabeled-split",
         help=f"Split that receives clips without labels ({', '.join(SPLITS)}).",
@@ -84,6 +98,10 @@ def extract(
     from .extractors.runner import extract as run_extract
 
     check_split(unlabeled_split, "--unlabeled-split")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine must be local or ray, got {engine!r}")
+    if ray_address is not None and engine != "ray":
+        raise ConfigError("--ray-address needs --engine ray")
     if config in BUILTIN_CONFIGS and config not in EXTRACTION_CONFIGS:
         raise ConfigError(
             f"--config {config} is a training config for the official feature files; extraction "
@@ -95,7 +113,7 @@ def extract(
     )
     summary = run_extract(
         input, out, cfg, workers=workers, unlabeled_split=unlabeled_split,
-        cache_dir=cache_dir, device=device, quiet=quiet,
+        cache_dir=cache_dir, device=device, quiet=quiet, engine=engine, ray_address=ray_address,
     )
     if summary.failed:
         raise typer.Exit(code=1)
@@ -140,7 +158,16 @@ def train(
         help="Mask padding using the lengths (the released ALMT code does not).",
     ),
     amp: str | None = typer.Option(None, "--amp", help="Mixed precision on CUDA: none, bf16 or fp16."),
+    objective: str | None = typer.Option(
+        None, "--objective",
+        help="Training objective: regression (the released loss), multitask, contrastive or "
+             "multitask+contrastive (config: train.objective; settings in train.multitask / train.contrastive).",
+    ),
     device: str = DeviceOpt,
+    nproc: int | None = typer.Option(
+        None, "--nproc", min=1,
+        help="Train in N processes on this machine (torchrun: DistributedDataParallel, NCCL on GPUs, gloo on CPU).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished epoch."),
     show_test_selected: bool = typer.Option(
         False, "--show-test-selected",
@@ -155,8 +182,17 @@ def train(
     from .train import train as run_train
 
     seed_list = parse_seeds(seeds)
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if out is None and under_torchrun:  # each process would pick its own runs/<date-time>
+        raise ConfigError("under torchrun, pass --out RUN_DIR: every process must write to the same run")
+    out_given = out is not None
     if out is None:
         out = latest_run() if resume else new_run_dir()
+    if nproc is not None and nproc > 1 and not under_torchrun:
+        from .distributed import launch, without_option
+
+        argv = without_option(sys.argv[1:], "--nproc") + ([] if out_given else ["--out", str(out)])
+        launch(nproc, argv)  # replaces this process
     # a resumed run keeps the settings it started with
     base: str | Config = load_run_config(out) if config is None and resume else config or "default"
     cfg = load_cli_config(
@@ -164,7 +200,7 @@ def train(
         model={"masked": masked},
         train={
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "seeds": seed_list,
-            "patience": patience, "select_metric": select_metric, "amp": amp,
+            "patience": patience, "select_metric": select_metric, "amp": amp, "objective": objective,
         },
     )
     run_train(cfg, data, out, device=device, resume=resume, quiet=quiet, show_test_selected=show_test_selected)
@@ -242,15 +278,21 @@ def describe(
         None, "--variants",
         help="Also count ablation variants: names or groups (table3, table4, table6, default, all); see `almt ablate`.",
     ),
+    objective: str | None = typer.Option(
+        None, "--objective", help="Count the heads this training objective adds (config: train.objective).",
+    ),
 ) -> None:
     """Print the model's parameter counts, excluding and including the text model."""
     setup_logging(True)
     from .ablation import select_variants, variant_config
     from .model.almt import describe_model
+    from .model.heads import head_spec
 
-    cfg = load_cli_config(config, text_model)
-    info = describe_model(cfg.model)
+    cfg = load_cli_config(config, text_model, train={"objective": objective})
+    info = describe_model(cfg.model, head_spec(cfg.train))
     typer.echo(f"config:        {cfg.name}")
+    if cfg.train.objective != "regression":
+        typer.echo(f"objective:     {cfg.train.objective} (its heads are counted)")
     typer.echo(f"text model:    {cfg.model.text_model} (hidden size {info['text_dim']}{info['text_note']})")
     typer.echo(f"parameters excluding the text model: {info['excluding_text']:,}")
     typer.echo(f"parameters including the text model: {info['total']:,}")
@@ -258,7 +300,12 @@ def describe(
         chosen = select_variants(variants, cfg.model)
         typer.echo(f"\n{'variant':<14} {'description':<28} {'excluding text':>15} {'including text':>15}")
         for v in chosen:
-            counts = describe_model(variant_config(cfg, v).model)
+            try:
+                vcfg = variant_config(cfg, v)
+            except ConfigError as e:  # e.g. a text-only variant with the contrastive objective
+                typer.echo(f"{v.name:<14} {v.label:<28} not buildable: {str(e).split(': ', 1)[-1]}")
+                continue
+            counts = describe_model(vcfg.model, head_spec(vcfg.train))
             typer.echo(f"{v.name:<14} {v.label:<28} {counts['excluding_text']:>15,} {counts['total']:>15,}")
 
 

@@ -13,7 +13,8 @@ resolved next to the config, not written back into it.
 
 Built-in configs live in ``configs/`` (installed as ``almt_pipeline.configs``): ``default``
 (small, CPU-friendly, embedded MiniLM text model), ``mosi``, ``mosei`` and ``sims`` (the released
-ALMT hyperparameters).
+ALMT hyperparameters), and recipes with an auxiliary training objective on top of those:
+``mosi-contrastive`` and ``sims-multitask``.
 """
 
 from __future__ import annotations
@@ -29,80 +30,25 @@ from typing import Any
 
 import yaml
 
+from .config_fields import (  # noqa: F401 (MAX_* are part of this module's interface)
+    MAX_BATCH,
+    MAX_DEPTH,
+    MAX_EPOCHS,
+    MAX_HEADS,
+    MAX_LENGTH,
+    MAX_SEED,
+    MAX_WIDTH,
+    _bounded,
+    _choice,
+    _size,
+)
 from .errors import ConfigError
 from .metrics import SCALES
 from .utils import one_line
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-BUILTIN_CONFIGS = ("default", "pyfeat", "mosi", "mosei", "sims")
+BUILTIN_CONFIGS = ("default", "pyfeat", "mosi", "mosei", "sims", "mosi-contrastive", "sims-multitask")
 EXTRACTION_CONFIGS = ("default", "pyfeat")  # built-ins whose model widths match the extractors
-
-
-# Upper bounds of model sizes. Each is far above any ALMT or BERT in use, and low enough that no
-# single number can make building the model allocate without limit; their product is checked
-# against the weights file when a checkpoint is loaded (model/checkpoint.py).
-MAX_DEPTH = 64  # blocks in one stack: the released models use 1 to 4, BERT-large 24
-MAX_HEADS = 256  # attention heads: ALMT uses 8, the largest published transformers under 200
-# widths (feature widths, model width, head width, MLP width): 2**16 is wider than any layer of a
-# published transformer (GPT-3's MLP: 49152) or any face/acoustic feature set (OpenFace: 709)
-MAX_WIDTH = 65536
-# sequence lengths (tokens, frames, summary tokens): 100000 audio frames at 43 per second are 39
-# minutes of speech, while the built-in configs pad to at most 500 frames
-MAX_LENGTH = 100_000
-# samples per batch: 64 times the released batch size, more than a whole split of MOSI (1284)
-MAX_BATCH = 4096
-MAX_EPOCHS = 100_000  # epochs (and early-stopping patience): the released runs train 200
-
-
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The values a numeric config field admits: at least ``low`` (greater than ``low`` when
-    ``low_open``) and, when ``high`` is set, below ``high`` (at most ``high`` unless ``high_open``).
-    NaN and infinities are never admitted."""
-
-    low: float
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = True
-
-    def admits(self, value: float) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):  # ints: exact, however large
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        if self.high is None or not above:
-            return above
-        return value < self.high if self.high_open else value <= self.high
-
-    def describe(self) -> str:
-        """E.g. ``at least 1``, ``greater than 0``, ``in [0, 1)``, ``in [1, 64]``."""
-        if self.high is not None:
-            return (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
-                    f"{_number(self.high)}{')' if self.high_open else ']'}")
-        return f"{'greater than' if self.low_open else 'at least'} {_number(self.low)}"
-
-
-def _number(x: float) -> str:
-    """``100000`` rather than ``1e+05``; ``0.5`` as is."""
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def _bounded(default: Any, low: float, high: float | None = None, *, low_open: bool = False,
-             high_open: bool = True) -> Any:
-    """A field whose value (when not null) must lie within ``Bound(low, high, low_open, high_open)``."""
-    return field(default=default, metadata={"bound": Bound(low, high, low_open, high_open)})
-
-
-def _size(default: int | None, most: int) -> Any:
-    """An integer field from 1 to ``most``: a length, width, count or depth."""
-    return _bounded(default, 1, most, high_open=False)
-
-
-def _choice(default: str, choices: tuple[str, ...]) -> Any:
-    """A string field that must be one of ``choices``."""
-    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass
@@ -158,6 +104,37 @@ def is_released_architecture(m: ModelConfig) -> bool:
             and (m.guided_layers is None or sorted(m.guided_layers) == list(range(1, m.ahl_depth + 1))))
 
 
+OBJECTIVES = ("regression", "multitask", "contrastive", "multitask+contrastive")
+
+
+@dataclass
+class MultitaskConfig:
+    """``train.objective: multitask``: a score head per modality trained on unimodal labels (the
+    SETGF recipe), with labels generated from the multimodal one where the data has none (the
+    Self-MM rule; objectives.py documents it)."""
+
+    weight: float = _bounded(1.0, 0.0)  # weight of each modality's loss next to the multimodal one
+    # auto: the file's regression_labels_T/A/V where present, generated for the rest; given: the
+    # file must have them; self: always generated (the file's unimodal labels are only evaluated)
+    labels: str = _choice("auto", ("auto", "given", "self"))
+    # generated labels start moving at this epoch; epoch 1 fills the memory the class centres need
+    update_from_epoch: int = _bounded(2, 2, MAX_EPOCHS, high_open=False)
+
+
+@dataclass
+class ContrastiveConfig:
+    """``train.objective: contrastive``: in-batch InfoNCE between the modalities' representations
+    and, with ``balanced``, the final score as a learned mixture of every stage's prediction (the
+    CMCBEP-CL recipe; objectives.py documents it)."""
+
+    weight: float = _bounded(0.1, 0.0)  # weight of the InfoNCE loss
+    temperature: float = _bounded(0.1, 0.0, 10.0, low_open=True, high_open=False)
+    projection_dim: int = _size(64, MAX_WIDTH)  # width of the space where modalities are compared
+    balanced: bool = True  # final score = softmax-weighted sum of the fused and unimodal predictions
+    stage_weight: float = _bounded(0.5, 0.0)  # weight of each stage's own loss (balanced only)
+    stage_lr_scale: float = _bounded(100.0, 0.0, low_open=True)  # the stage weights' lr: train.lr times this
+
+
 @dataclass
 class TrainConfig:
     lr: float = _bounded(1e-4, 0.0, low_open=True)
@@ -174,6 +151,10 @@ class TrainConfig:
     eval_batch_size: int = _size(128, MAX_BATCH)
     # auto (from the data) | mosi ([-3, 3]) | mosei (as mosi) | sims ([-1, 1])
     label_scale: str = _choice("auto", ("auto", *SCALES))
+    # the loss: regression (the released MSE), or with auxiliary objectives (see the sections below)
+    objective: str = _choice("regression", OBJECTIVES)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
 
 @dataclass
@@ -381,6 +362,10 @@ def _check(cfg: Config, source: str) -> None:
     """Enforce the ``bound`` and ``choices`` declared on the fields, then cross-field rules."""
     _check_fields(cfg, source, ())
     _check_model_rules(cfg.model, source)
+    kept = 3 - len(cfg.model.drop_modalities)  # text, and audio and vision unless dropped
+    if "contrastive" in cfg.train.objective and kept < 2:
+        raise ConfigError(f"{source}: train.objective {cfg.train.objective} contrasts modalities with each other; "
+                          "the model keeps only text (model.drop_modalities)")
     if cfg.train.seeds is not None and len(cfg.train.seeds) == 0:
         raise ConfigError(f"{source}: 'train.seeds' must list at least one seed (or be null)")
     for seed in cfg.train.seeds or ():

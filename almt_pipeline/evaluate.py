@@ -16,6 +16,7 @@ from .features import FeatureFile, load_features
 from .files import atomic_write_csv
 from .metrics import format_metrics, split_metrics
 from .model.checkpoint import LoadedCheckpoint, load_checkpoint
+from .objectives import unimodal_metrics
 from .schema import check_split
 from .utils import resolve_device, results_log
 
@@ -40,7 +41,8 @@ def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *,
     ckpt, s = load_scored_split(checkpoint_dir, data_path, split, dev)
     batch_size = ckpt.cfg.train.eval_batch_size if batch_size is None else batch_size
     amp = amp_dtype(ckpt.cfg.train.amp, dev) if dev.type == "cuda" else None
-    pred = predict_split(ckpt.model, s, batch_size, dev, amp, quiet=quiet)
+    stages: dict[str, Any] | None = {} if getattr(ckpt.model, "aux", None) is not None else None
+    pred = predict_split(ckpt.model, s, batch_size, dev, amp, quiet=quiet, stages=stages)
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir), "data": str(data_path), "split": split, "n": s.n,
         "label_scale": ckpt.label_scale, "metrics": None, "predictions": pred,
@@ -50,6 +52,11 @@ def evaluate(checkpoint_dir: str | os.PathLike, data_path: str | os.PathLike, *,
     if s.labelled:
         result["metrics"] = split_metrics(pred, labels, ckpt.label_scale)
         results_log.info("%s split (%d samples): %s", split, s.n, format_metrics(result["metrics"]))
+        if stages:
+            result["unimodal"] = unimodal_metrics(stages, s, ckpt.label_scale)
+            for m, metrics in result["unimodal"].items():
+                results_log.info("  unimodal head %s (against the %s label): MAE %.4f Corr %.4f", m,
+                                 metrics["target"], metrics["MAE"], metrics["Corr"])
     else:
         results_log.info("%s split (%d samples) has no labels: predictions only", split, s.n)
     if predictions_path:

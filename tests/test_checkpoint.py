@@ -22,6 +22,7 @@ from almt_pipeline.model.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from almt_pipeline.model.heads import head_spec
 from almt_pipeline.model.text_encoder import bert_config_from_dict, bert_parameter_count, load_text_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,12 +191,13 @@ def test_parameter_estimate_is_the_built_count(name):
                    vocab_size=999, max_position_embeddings=77, type_vocab_size=1, is_decoder=True,
                    add_cross_attention=True),
     ]
-    m = load_config(name).model
+    cfg = load_config(name)
+    m, heads = cfg.model, head_spec(cfg.train)
     for bert_config in bert_configs:
         with torch.device("meta"):
-            model = ALMT(m, BertModel(bert_config), bert_config.hidden_size)
+            model = ALMT(m, BertModel(bert_config), bert_config.hidden_size, heads)
         outside, total = count_parameters(model)
-        assert almt_parameter_count(m, bert_config.hidden_size) == outside
+        assert almt_parameter_count(m, bert_config.hidden_size, heads) == outside
         assert bert_parameter_count(bert_config) == total - outside
 
 

@@ -105,7 +105,7 @@ def test_config_help_lists_the_real_built_ins():
 
     extract_help, train_help = text("extract"), text("train")
     assert "(default, pyfeat)" in extract_help and "mosei" not in extract_help
-    assert "(default, pyfeat, mosi, mosei, sims)" in train_help
+    assert "(default, pyfeat, mosi, mosei, sims, mosi-contrastive, sims-multitask)" in train_help
     r = invoke("extract", "nowhere", "--config", "mosi")
     assert r.exit_code == 1 and r.output.startswith("error: --config mosi is a training config")
 

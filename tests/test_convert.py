@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from almt_pipeline.config import Config, ModelConfig
+from almt_pipeline.config import Config, ModelConfig, TrainConfig
 from almt_pipeline.errors import CheckpointError
 from almt_pipeline.model.almt import ALMT
 from almt_pipeline.model.convert import convert_state_dict, import_weights, load_state_dict_file
@@ -289,7 +289,8 @@ def test_load_state_dict_file(tmp_path):
         load_state_dict_file(tmp_path / "list.pt")
 
 
-def test_import_weights_writes_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("objective", ["regression", "contrastive"])
+def test_import_weights_writes_a_loadable_checkpoint(tmp_path, objective):
     from transformers import AutoTokenizer
 
     from almt_pipeline.model.checkpoint import load_checkpoint
@@ -301,10 +302,12 @@ def test_import_weights_writes_a_loadable_checkpoint(tmp_path):
     AutoTokenizer.from_pretrained(resolve_text_model("minilm")).save_pretrained(text_dir)
     sd = random_source(CFG, bert, "official", seed=5)
     torch.save(sd, tmp_path / "almt.pth")
-    cfg = Config(name="tiny", model=CFG)
+    # released weights have no heads of auxiliary objectives: a config asking for them imports as regression
+    cfg = Config(name="tiny", model=CFG, train=TrainConfig(objective=objective))
     model = import_weights(tmp_path / "almt.pth", "official", cfg, str(text_dir), tmp_path / "ckpt")
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.cfg.model.text_model == str(text_dir)
+    assert loaded.cfg.train.objective == "regression" and loaded.model.aux is None
     text, audio, vision, *_ = make_inputs(CFG)
     with torch.no_grad():
         ref = reference_forward(sd, CFG, "official", bert, text, audio, vision)

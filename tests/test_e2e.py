@@ -106,6 +106,24 @@ def test_evaluate_latest_checkpoint(workdir, monkeypatch):
     assert len((workdir / "preds.csv").read_text().splitlines()) == 3  # header + 2 test clips
 
 
+def test_an_objective_checkpoint_predicts_and_evaluates(workdir, data_dir, tmp_path):
+    """A checkpoint trained with auxiliary objectives rebuilds its heads: predict gives the balanced
+    score, evaluate also scores the unimodal heads."""
+    out = tmp_path / "objective_run"
+    r = invoke("train", "--data", workdir / "features.pkl", "--objective", "multitask+contrastive",
+               "--epochs", "2", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == "multitask+contrastive" and set(summary["stage_weights"]) == {"fused", "T", "A", "V"}
+    r = invoke("predict", data_dir / "with_sidecar.mp4", "--checkpoint", out / "checkpoint", "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads([ln for ln in r.output.splitlines() if ln.startswith("{")][0])
+    assert -10 < row["score"] < 10
+    r = invoke("evaluate", "--checkpoint", out / "checkpoint", "--data", workdir / "features.pkl")
+    assert r.exit_code == 0, r.output
+    assert "unimodal head V (against the multimodal label)" in r.output
+
+
 def test_library_predictor_reuses_models(workdir, data_dir):
     from almt_pipeline import Predictor
 

@@ -3,7 +3,9 @@
 Entries live under ``root/<settings hash>/``: changing anything that changes a clip's features
 (extractor settings, text model, package version) starts a fresh folder. A clip's key includes
 its path, size, modification time and transcript. Entries are written atomically and read
-without pickle; a damaged entry is simply extracted again.
+without pickle; a damaged entry is simply extracted again. :func:`extract_cached` writes a clip's
+entry where the clip is extracted, as soon as it is finished (in the driver, a worker process or
+a Ray worker), so a killed driver or worker loses no finished clip.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from ..config import Config, config_to_dict
 from ..files import atomic_write
 from ..utils import package_version
-from .clip import ClipResult
+from .clip import ClipExtractor, ClipFailure, ClipResult, run_guarded
 from .dataset import ClipSpec
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,18 @@ class ClipCache:
         except Exception as e:  # a damaged entry is simply recomputed
             logger.debug("ignoring unreadable cache entry %s (%s)", path, e)
             return None
+
+
+def extract_cached(extractor: ClipExtractor, spec: ClipSpec, cache_path: Path) -> ClipResult | ClipFailure:
+    """Run one clip and cache its result at once (where it runs: in the driver, a worker process
+    or a Ray worker); a failure becomes a ClipFailure (:func:`~.clip.run_guarded`)."""
+    outcome = run_guarded(lambda: extractor(spec.path, spec.text, spec.text_source), spec.path, spec.id)
+    if isinstance(outcome, ClipResult):
+        try:
+            write_entry(cache_path, outcome)
+        except OSError as e:
+            logger.warning("could not cache %s (%s); it will be extracted again next time", spec.path, e)
+    return outcome
 
 
 def write_entry(path: Path, r: ClipResult) -> None:

@@ -1,9 +1,10 @@
 """Folder of clips -> MMSA-format feature file: the batch driver of ``almt extract``.
 
 :func:`extract` discovers the clips (:mod:`.dataset`), takes finished ones from the per-clip
-cache (:mod:`.cache`), runs :class:`~.clip.ClipExtractor` on the rest (in worker processes when
-asked), reports bad clips without stopping, and writes the feature file (arrays laid out by
-:func:`~almt_pipeline.features.assemble_split`) and the failures CSV.
+cache (:mod:`.cache`), runs :class:`~.clip.ClipExtractor` on the rest (in worker processes, or on
+Ray workers with :mod:`.ray_engine`, when asked), reports bad clips without stopping, and writes
+the feature file (arrays laid out by :func:`~almt_pipeline.features.assemble_split`) and the
+failures CSV.
 
 Output locations and labels are checked before the first clip; workers end with the parent even
 when it is killed; SIGTERM stops like Ctrl-C; leftovers of interrupted writes are removed.
@@ -38,7 +39,8 @@ from ..metrics import LABEL_RANGES, canonical_scale, infer_label_scale, outside_
 from ..processes import exit_with_parent, sigterm_as_interrupt
 from ..schema import SCHEMA_VERSION, SPLITS
 from ..utils import one_line, package_version, results_log
-from .cache import DEFAULT_CACHE_DIR, ClipCache, write_entry
+from . import ray_engine
+from .cache import DEFAULT_CACHE_DIR, ClipCache, extract_cached
 from .clip import (
     AudioFeaturizerLike,
     ClipExtractor,
@@ -46,7 +48,6 @@ from .clip import (
     ClipResult,
     check_feature_widths,
     make_audio_featurizer,
-    run_guarded,
 )
 from .dataset import ClipSpec, discover, has_unimodal_labels
 from .faces import make_face_featurizer
@@ -55,31 +56,48 @@ from .summary import ExtractSummary
 logger = logging.getLogger(__name__)
 
 FAILURE_COLUMNS = ("path", "id", "error_type", "message")
+ENGINES = ("local", "ray")
 Outcome = ClipResult | ClipFailure
 
 
 def extract(input_path: str | os.PathLike, out_path: str | os.PathLike = "features.pkl", cfg: Config | None = None,
-            *, workers: int = 1, unlabeled_split: str = "test", cache_dir: str | os.PathLike | None = None,
-            quiet: bool = False, device: str = "cpu") -> ExtractSummary:
+            *, workers: int | None = None, unlabeled_split: str = "test",
+            cache_dir: str | os.PathLike | None = None, quiet: bool = False, device: str = "cpu",
+            engine: str = "local", ray_address: str | None = None) -> ExtractSummary:
     """Extract every clip under ``input_path`` into an MMSA-format pickle at ``out_path``.
 
     Bad clips (and rows whose label lies outside the label scale) are logged, one line each,
     listed in ``<out stem>.failures.csv`` and skipped. Finished clips are cached under
-    ``cache_dir`` (default ``<out dir>/.almt_cache``) so a rerun resumes. An output location that
-    cannot be written raises ``OSError`` naming it before any clip is extracted. Raises
+    ``cache_dir`` (default ``<out dir>/.almt_cache``) so a rerun resumes.
+
+    ``engine="local"`` runs the clips in this process, or in ``workers`` (default 1) worker
+    processes; ``engine="ray"`` runs them on ``workers`` Ray workers (default: one per CPU of the
+    cluster) that each load the models once (:mod:`.ray_engine`), on the Ray cluster at
+    ``ray_address`` ("auto" or HOST:PORT; None starts a local Ray with ``workers`` CPUs).
+
+    An output location that cannot be written raises ``OSError`` naming it before any clip is
+    extracted; a bad engine or Ray address, a Ray head that does not answer and a missing ``ray``
+    package are errors before any clip too (:class:`AlmtError`). Raises
     :class:`ExtractionError` when no clip could be extracted, and ``KeyboardInterrupt`` on Ctrl-C
     or, when called in the main thread, SIGTERM (so ``almt extract`` exits with 130 for both).
     """
     with sigterm_as_interrupt():
         return _extract(input_path, Path(out_path), cfg if cfg is not None else load_config("default"),
-                        workers, unlabeled_split, cache_dir, quiet, device)
+                        workers, unlabeled_split, cache_dir, quiet, device, engine, ray_address)
 
 
-def _extract(input_path: str | os.PathLike, out_path: Path, cfg: Config, workers: int, unlabeled_split: str,
-             cache_dir: str | os.PathLike | None, quiet: bool, device: str) -> ExtractSummary:
+def _extract(input_path: str | os.PathLike, out_path: Path, cfg: Config, workers: int | None, unlabeled_split: str,
+             cache_dir: str | os.PathLike | None, quiet: bool, device: str, engine: str,
+             ray_address: str | None) -> ExtractSummary:
     t0 = time.perf_counter()
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be {' or '.join(ENGINES)}, got {engine!r}")
+    if engine == "ray":
+        ray_engine.check(ray_address)  # a bad or dead address, or a missing ray, fails before any clip
+    elif ray_address is not None:
+        raise ConfigError(f"a Ray address ({ray_address}) is only used with the ray engine")
     failures_path = out_path.with_name(f"{out_path.stem}.failures.csv")
     specs = discover(input_path, unlabeled_split)
 
@@ -106,12 +124,12 @@ def _extract(input_path: str | os.PathLike, out_path: Path, cfg: Config, workers
 
     try:
         extractor = None
-        if todo and workers == 1:
+        if todo and engine == "local" and (workers or 1) == 1:
             extractor = ClipExtractor(cfg, device, audio_featurizer=audio_fz, face_featurizer=face_fz)
         elif todo:
             _warm_up(audio_fz)
         del audio_fz, face_fz  # worker processes load their own models
-        _run_batch(cfg, device, specs, todo, cache, finish, quiet, workers, extractor)
+        _run_batch(cfg, device, specs, todo, cache, finish, quiet, workers, extractor, engine, ray_address)
         _write_output(cfg, specs, outcomes, feature_names, summary, input_path, out_path, label_scale)
     except KeyboardInterrupt as e:
         n_done = sum(s.problem is None and cache.path_for(s).is_file() for s in specs)
@@ -171,19 +189,34 @@ def _flag_labels_out_of_range(specs: list[ClipSpec], scale: str, inferred: bool)
 
 
 def _run_batch(cfg: Config, device: str, specs: list[ClipSpec], todo: list[int], cache: ClipCache,
-               finish: Callable[[int, Outcome], None], quiet: bool, workers: int,
-               extractor: ClipExtractor | None) -> None:
+               finish: Callable[[int, Outcome], None], quiet: bool, workers: int | None,
+               extractor: ClipExtractor | None, engine: str, ray_address: str | None) -> None:
     """Extract the clips ``todo`` with ``extractor`` in this process, or (None) in ``workers``
-    processes that load their own models."""
+    processes, or on Ray workers, that load their own models."""
     redirect: AbstractContextManager[Any] = nullcontext() if quiet else logging_redirect_tqdm()
     with redirect:
         if extractor is not None:
             with _progress(len(todo), quiet) as bar:
                 for i in todo:
-                    finish(i, _extract_one(extractor, specs[i], cache.path_for(specs[i])))
+                    finish(i, extract_cached(extractor, specs[i], cache.path_for(specs[i])))
                     bar.update(1)
+        elif todo and engine == "ray":
+            _run_on_ray(cfg, device, specs, todo, cache, finish, quiet, workers, ray_address)
         elif todo:
-            _run_parallel(cfg, device, specs, todo, cache, finish, quiet, workers)
+            _run_parallel(cfg, device, specs, todo, cache, finish, quiet, workers or 1)
+
+
+def _run_on_ray(cfg: Config, device: str, specs: list[ClipSpec], todo: list[int], cache: ClipCache,
+                finish: Callable[[int, Outcome], None], quiet: bool, workers: int | None,
+                ray_address: str | None) -> None:
+    """The clips ``todo`` on Ray workers (:mod:`.ray_engine`); the bar starts once Ray is up."""
+    clips = {i: (specs[i], cache.path_for(specs[i])) for i in todo}
+    with ray_engine.ray_session(ray_address, workers) as ray, _progress(len(todo), quiet) as bar:
+        def finish_one(i: int, outcome: Outcome) -> None:
+            finish(i, outcome)
+            bar.update(1)
+
+        ray_engine.run_clips(ray, cfg, device, clips, finish_one, workers)
 
 
 def _write_output(cfg: Config, specs: list[ClipSpec], outcomes: dict[int, Outcome],
@@ -212,17 +245,6 @@ def _log_failure(f: ClipFailure) -> None:
     logger.warning("%s", line)
     if f.traceback:
         logger.debug("%s", f.traceback)
-
-
-def _extract_one(extractor: ClipExtractor, spec: ClipSpec, cache_path: Path) -> Outcome:
-    """Run one clip and cache its result; a failure becomes a ClipFailure."""
-    outcome = run_guarded(lambda: extractor(spec.path, spec.text, spec.text_source), spec.path, spec.id)
-    if isinstance(outcome, ClipResult):
-        try:
-            write_entry(cache_path, outcome)
-        except OSError as e:
-            logger.warning("could not cache %s (%s); it will be extracted again next time", spec.path, e)
-    return outcome
 
 
 def _progress(total: int, quiet: bool) -> tqdm:
@@ -257,7 +279,7 @@ def _init_worker(cfg: Config, device: str, threads: int, log_level: int, parent_
 def _worker_extract(spec: ClipSpec, cache_path: Path) -> Outcome:
     if "error" in _WORKER:
         raise _WORKER["error"]
-    return _extract_one(_WORKER["extractor"], spec, cache_path)
+    return extract_cached(_WORKER["extractor"], spec, cache_path)
 
 
 def _warm_up(audio_featurizer: AudioFeaturizerLike) -> None:

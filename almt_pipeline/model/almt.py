@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, check_model_config
 from ..errors import ConfigError, TextModelError
+from .heads import MODALITY_LETTERS, AuxiliaryHeads, HeadSpec, aux_parameter_count
 from .layers import Block, FeedForward, attention_probabilities, merge_heads, split_heads
 from .text_encoder import load_text_config
 
@@ -190,10 +191,12 @@ class ALMT(nn.Module):
 
     The ablation switches of :class:`ModelConfig` (``ahl``, ``fusion``, ``modality_embedding``,
     ``guided_layers``, ``drop_modalities``) remove parts; with their defaults this is the released
-    model, parameter for parameter and in the same creation order.
+    model, parameter for parameter and in the same creation order. ``heads`` adds the parts an
+    auxiliary training objective needs (:mod:`.heads`), after all of those.
     """
 
-    def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_dim: int,
+                 heads: HeadSpec | None = None) -> None:
         super().__init__()
         check_model_config(cfg)
         self.cfg = cfg
@@ -230,6 +233,8 @@ class ALMT(nn.Module):
         )
         # regression head: the fusion token, or [pooled language; pooled source] without fusion
         self.head = nn.Linear(d if cfg.fusion else 2 * d, 1)
+        self.aux = None if heads is None or not heads.any else AuxiliaryHeads(
+            heads, d, [MODALITY_LETTERS[m] for m in ("text", *self.modalities)], cfg.dropout)
 
     def _check_inputs(self, text_bert: Tensor, audio: Tensor, vision: Tensor) -> None:
         cfg = self.cfg
@@ -261,7 +266,7 @@ class ALMT(nn.Module):
     def forward(
         self, text_bert: Tensor, audio: Tensor, vision: Tensor,
         audio_lengths: Tensor | None = None, vision_lengths: Tensor | None = None,
-        trace: Trace | None = None,
+        trace: Trace | None = None, outputs: dict[str, Any] | None = None,
     ) -> Tensor:
         """text_bert (B, 3, L) float ids / attention mask / segment ids; audio (B, T_a, d_a);
         vision (B, T_v, d_v); lengths (B,) used only when ``cfg.masked``. Returns (B,).
@@ -270,6 +275,11 @@ class ALMT(nn.Module):
         tokens' attention over that modality's inputs (see the embeddings' ``forward``);
         ``"ahl"``: one dict per AHL layer with "audio" (alpha) and "vision" (beta) maps (B, T, T)
         (empty for a layer not guided by language; no key for a dropped modality).
+
+        ``outputs`` (an empty dict), for a model with auxiliary heads, receives what the training
+        objectives need: ``representations`` (modality letter -> (B, D), the mean of its summary
+        tokens; ``"fused"`` -> what the fused head reads), ``scores`` (stage -> (B,)) and
+        ``projections`` (letter -> (B, P)). Without auxiliary heads it stays empty.
         """
         self._check_inputs(text_bert, audio, vision)
         b = text_bert.shape[0]
@@ -311,15 +321,23 @@ class ALMT(nn.Module):
             trace["summary"] = {m: v[0] for m, v in summary.items() if v}
             trace["ahl"] = layer_maps
         if self.fusion_token is None or self.fusion_pos_src is None or self.fusion_pos_tgt is None:
-            pooled = torch.cat([scales[-1].mean(1), source.mean(1)], dim=-1)  # (B, 2D)
-            return self.head(pooled).squeeze(-1)  # (B,)
-        token = self.fusion_token.expand(b, -1, -1)  # (B, 1, D)
-        src = torch.cat([token, source], dim=1) + self.fusion_pos_src  # (B, S + 1, D)
-        tgt = torch.cat([token, scales[-1]], dim=1) + self.fusion_pos_tgt  # (B, T + 1, D)
-        for i, blk in enumerate(self.fusion_blocks):
-            last = i == len(self.fusion_blocks) - 1
-            tgt = blk(tgt, src, n_queries=1 if last else None)  # (B, T + 1, D); last: (B, 1, D)
-        return self.head(tgt[:, 0]).squeeze(-1)  # (B,)
+            fused = torch.cat([scales[-1].mean(1), source.mean(1)], dim=-1)  # (B, 2D)
+        else:
+            token = self.fusion_token.expand(b, -1, -1)  # (B, 1, D)
+            src = torch.cat([token, source], dim=1) + self.fusion_pos_src  # (B, S + 1, D)
+            tgt = torch.cat([token, scales[-1]], dim=1) + self.fusion_pos_tgt  # (B, T + 1, D)
+            for i, blk in enumerate(self.fusion_blocks):
+                last = i == len(self.fusion_blocks) - 1
+                tgt = blk(tgt, src, n_queries=1 if last else None)  # (B, T + 1, D); last: (B, 1, D)
+            fused = tgt[:, 0]  # (B, D)
+        score = self.head(fused).squeeze(-1)  # (B,)
+        if self.aux is None:
+            return score
+        reps = {"T": h_l.mean(1), "A": None if h_a is None else h_a.mean(1), "V": None if h_v is None else h_v.mean(1)}
+        present = {m: r for m, r in reps.items() if r is not None}  # (B, D) each
+        if outputs is not None:
+            outputs["representations"] = {**present, "fused": fused}
+        return self.aux(score, present, outputs)  # (B,)
 
 
 def count_parameters(model: ALMT) -> tuple[int, int]:
@@ -330,9 +348,10 @@ def count_parameters(model: ALMT) -> tuple[int, int]:
     return outside, total
 
 
-def almt_parameter_count(m: ModelConfig, text_dim: int) -> int:
-    """Parameters of ``ALMT(m, text_encoder, text_dim)`` outside the text encoder, from the sizes
-    alone (the layers of model/almt.py, ablation switches included; nothing is built)."""
+def almt_parameter_count(m: ModelConfig, text_dim: int, heads: HeadSpec | None = None) -> int:
+    """Parameters of ``ALMT(m, text_encoder, text_dim, heads)`` outside the text encoder, from the
+    sizes alone (the layers of model/almt.py, ablation switches and objective heads included;
+    nothing is built)."""
     d, t = m.dim, m.n_tokens
     n_mod = 2 - len(m.drop_modalities)  # audio and vision streams kept
 
@@ -363,10 +382,11 @@ def almt_parameter_count(m: ModelConfig, text_dim: int) -> int:
         + (0 if "vision" in m.drop_modalities else embedding(m.vision_dim, m.vision_len))
         + t * d + (m.ahl_depth - 1) * block(m.lang_heads, m.lang_dim_head, m.lang_mlp_dim)  # language scales
         + ahl + fusion + head
+        + (aux_parameter_count(heads, d, 1 + n_mod) if heads is not None and heads.any else 0)
     )
 
 
-def describe_model(cfg: ModelConfig) -> dict:
+def describe_model(cfg: ModelConfig, heads: HeadSpec | None = None) -> dict:
     """Parameter counts for ``cfg`` without loading pretrained weights (built on the meta device).
 
     Keys: ``text_dim``, ``text_note`` (empty, or why bert-base's shape was assumed),
@@ -384,6 +404,6 @@ def describe_model(cfg: ModelConfig) -> dict:
         text_config = BertConfig()
         note = "; assumed bert-base: its config is not available offline"
     with torch.device("meta"):
-        model = ALMT(cfg, BertModel(text_config), text_config.hidden_size)
+        model = ALMT(cfg, BertModel(text_config), text_config.hidden_size, heads)
     outside, total = count_parameters(model)
     return {"text_dim": text_config.hidden_size, "text_note": note, "excluding_text": outside, "total": total}

@@ -42,6 +42,7 @@ from ..files import atomic_write_json, current_umask
 from ..metrics import SCALES
 from ..utils import one_line, package_version
 from .almt import ALMT, almt_parameter_count
+from .heads import head_spec
 from .text_encoder import bert_config_from_dict, bert_parameter_count, text_model_from_config
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def save_checkpoint(
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "package_version": package_version(),
-            "config": config_to_dict(cfg),
+            "config": _stored_config(cfg),
             "text_dim": int(text_config["hidden_size"]),
             "text_model_source": cfg.model.text_model,
             "label_scale": label_scale,
@@ -127,6 +128,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.debug("checkpoint written to %s", dst)
+
+
+def _stored_config(cfg: Config) -> dict[str, Any]:
+    """The config as stored: with the released objective, without the auxiliary objectives'
+    sections (defaults when read back), so that earlier versions of this package load it too."""
+    d = config_to_dict(cfg)
+    if cfg.train.objective == "regression":
+        for key in ("objective", "multitask", "contrastive"):
+            d["train"].pop(key, None)
+    return d
 
 
 def load_checkpoint(dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -148,9 +159,10 @@ def load_checkpoint(dir: str | os.PathLike[str], device: str | torch.device = "c
         raise CheckpointError(one_line(e)) from e
     bert_config, text_dim = _stored_text_config(path, meta, cfg.model)
     weights = path / WEIGHTS_FILE
-    check_weights_size(weights, almt_parameter_count(cfg.model, text_dim) + bert_parameter_count(bert_config))
+    heads = head_spec(cfg.train)
+    check_weights_size(weights, almt_parameter_count(cfg.model, text_dim, heads) + bert_parameter_count(bert_config))
     try:
-        model = ALMT(cfg.model, text_model_from_config(bert_config), text_dim)
+        model = ALMT(cfg.model, text_model_from_config(bert_config), text_dim, heads)
     except Exception as e:  # noqa: BLE001 - torch and transformers raise many types
         raise CheckpointError(f"{config_file}: cannot build the model from the stored configs "
                               f"({one_line(e)})") from e

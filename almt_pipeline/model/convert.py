@@ -276,6 +276,10 @@ def import_weights(path: str | Path, fmt: str, cfg: Config, text_model: str | No
     if not is_released_architecture(cfg.model):
         raise ConfigError(f"{path}: released weights are the full model; the config sets an ablation switch "
                           "(model.ahl, fusion, modality_embedding, guided_layers or drop_modalities)")
+    if cfg.train.objective != "regression":  # released weights have no heads of auxiliary objectives
+        log.warning("%s: released weights are trained with the regression objective; the checkpoint records "
+                    "train.objective regression instead of the config's %s", path, cfg.train.objective)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, objective="regression"))
     sd = load_state_dict_file(path)
     if text_model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_model=text_model))
