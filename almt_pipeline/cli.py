@@ -188,11 +188,6 @@ def train(
     out_given = out is not None
     if out is None:
         out = latest_run() if resume else new_run_dir()
-    if nproc is not None and nproc > 1 and not under_torchrun:
-        from .distributed import launch, without_option
-
-        argv = without_option(sys.argv[1:], "--nproc") + ([] if out_given else ["--out", str(out)])
-        launch(nproc, argv)  # replaces this process
     # a resumed run keeps the settings it started with
     base: str | Config = load_run_config(out) if config is None and resume else config or "default"
     cfg = load_cli_config(
@@ -203,6 +198,13 @@ def train(
             "patience": patience, "select_metric": select_metric, "amp": amp, "objective": objective,
         },
     )
+    if nproc is not None and nproc > 1 and not under_torchrun:
+        from .distributed import launch, without_option
+        from .train import check_before_launch
+
+        check_before_launch(cfg, data, out, resume, device, nproc)  # one line here, not one per process
+        argv = without_option(sys.argv[1:], "--nproc") + ([] if out_given else ["--out", str(out)])
+        launch(nproc, argv)  # replaces this process
     run_train(cfg, data, out, device=device, resume=resume, quiet=quiet, show_test_selected=show_test_selected)
 
 

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .errors import ConfigError
+from .processes import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +73,23 @@ def join(group: Group, device: torch.device) -> torch.device:
 
     if not group.active or dist.is_initialized():
         return device
+    exit_with_parent(os.getppid())  # a killed torchrun takes its workers with it
     if device.type == "cuda":
+        check_devices(device, group.local_rank + 1)
         torch.cuda.set_device(group.local_rank)
         device = torch.device("cuda", group.local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if not group.main:  # one voice: the other ranks report only problems
+    if not group.main:  # one voice: the other ranks report only errors
         for name in ("almt_pipeline", "almt_pipeline.results"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
     return device
+
+
+def check_devices(device: torch.device, processes: int) -> None:
+    """On CUDA each process of a machine takes one GPU (``cuda:LOCAL_RANK``)."""
+    if device.type == "cuda" and processes > 1 and torch.cuda.device_count() < processes:
+        raise ConfigError(f"{processes} training processes on CUDA need {processes} GPUs on each machine; "
+                          f"this one has {torch.cuda.device_count()}")
 
 
 def leave(group: Group) -> None:
@@ -115,6 +125,17 @@ def sharded_mse(pred: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, grou
     squared = weights * (pred.float().reshape(-1) - y) ** 2  # (B_rank,)
     n_global, sum_global = totals(group, [float(weights.sum()), float(squared.detach().sum())], device)
     return squared.sum() * (group.world / n_global), sum_global / n_global, n_global
+
+
+def broadcast(group: Group, obj: Any) -> Any:
+    """Rank 0's ``obj``, on every rank."""
+    if not group.active:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if group.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather(group: Group, obj: Any) -> list[Any]:
@@ -194,5 +215,6 @@ def without_option(argv: Sequence[str], name: str) -> list[str]:
     return out
 
 
-__all__ = ["Group", "group_from_env", "join", "leave", "barrier", "totals", "sharded_mse", "gather",
+__all__ = ["Group", "group_from_env", "join", "leave", "barrier", "totals", "sharded_mse", "gather", "broadcast",
+           "check_devices",
            "ShardedBatches", "wrap", "torchrun_command", "launch", "without_option"]

@@ -35,13 +35,14 @@ from .batches import (
 )
 from .config import Config
 from .distributed import Group
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, FeatureFileError, TrainingError
 from .metrics import format_metrics, is_better, split_metrics
 from .model.almt import ALMT
 from .model.checkpoint import copy_checkpoint, save_checkpoint
 from .model.heads import head_spec
 from .model.text_encoder import load_text_model
 from .objectives import Objective, epoch_line, parameter_groups, unimodal_metrics
+from .processes import sigterm_as_interrupt
 from .schedule import deterministic, lr_at_epoch, make_scheduler
 from .training_data import TrainingData, load_training_data
 from .utils import resolve_device, results_log, set_seed
@@ -69,10 +70,27 @@ def train(cfg: Config, data_path: str | os.PathLike, out_dir: str | os.PathLike,
     group = distributed.group_from_env()  # several processes under torchrun, else one
     dev = distributed.join(group, resolve_device(device))
     try:
-        return _train_run(cfg, Path(data_path), Path(out_dir), group, _Settings(
-            device=dev, resume=resume, quiet=quiet, show_test_selected=show_test_selected, group=group))
+        with sigterm_as_interrupt():  # torchrun stops the other processes with SIGTERM when one fails
+            return _train_run(cfg, Path(data_path), Path(out_dir), group, _Settings(
+                device=dev, resume=resume, quiet=quiet, show_test_selected=show_test_selected, group=group))
     finally:
         distributed.leave(group)
+
+
+def check_before_launch(cfg: Config, data_path: str | os.PathLike, out_dir: str | os.PathLike, resume: bool,
+                        device: str, processes: int) -> None:
+    """What ``almt train --nproc N`` can check before it starts N processes (each would report it)."""
+    saved = runs.check_run_dir(Path(out_dir), cfg, Path(data_path), resume)
+    _check_processes(saved or cfg, processes)
+    if not Path(data_path).is_file():
+        raise FeatureFileError(f"{data_path}: feature file not found")
+    distributed.check_devices(resolve_device(device), processes)
+
+
+def _check_processes(cfg: Config, processes: int) -> None:
+    if processes > 1 and cfg.train.objective != "regression":
+        raise ConfigError(f"train.objective {cfg.train.objective} trains in one process; with several processes "
+                          "use the regression objective")
 
 
 def _train_run(cfg: Config, data_path: Path, run_dir: Path, group: Group, settings: _Settings) -> dict[str, Any]:
@@ -84,9 +102,7 @@ def _train_run(cfg: Config, data_path: Path, run_dir: Path, group: Group, settin
     seeds = list(cfg.train.seeds) if cfg.train.seeds else None
     if seeds and len(set(seeds)) != len(seeds):
         raise ConfigError(f"train.seeds lists a seed twice: {seeds}")
-    if group.active and cfg.train.objective != "regression":
-        raise ConfigError(f"train.objective {cfg.train.objective} trains in one process; with torchrun use "
-                          "the regression objective")
+    _check_processes(cfg, group.world)
     data = load_training_data(cfg, data_path)
     # nothing is written before the config and the data pass their checks; a failure before the
     # first epoch finishes takes away the run directory this call made
@@ -173,7 +189,9 @@ def _train_seed(cfg: Config, seed: int, run_dir: Path, data: TrainingData, setti
     for epoch in range(st.start, t.epochs + 1):
         if st.finished:
             break
-        record = _run_epoch(cfg, st, train_loader, data, settings, epoch, desc)
+        # every rank scores the same model, but rank 0's record decides for all of them (selection,
+        # early stopping): ranks that disagreed in a last bit would otherwise part ways
+        record = distributed.broadcast(settings.group, _run_epoch(cfg, st, train_loader, data, settings, epoch, desc))
         _select(cfg, st, record, run_dir, data, settings.device, seed, main)
         record["time_s"] = time.perf_counter() - record.pop("t0")
         st.history.append(record)

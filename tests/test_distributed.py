@@ -155,3 +155,52 @@ def test_an_auxiliary_objective_is_refused_under_torchrun(setup, tmp_path, monke
     with pytest.raises(ConfigError, match="trains in one process"):
         train(multitask, data, tmp_path / "refused", device="cpu", quiet=True)
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--objective", "multitask"], "error: train.objective multitask trains in one process"),
+    (["--data", "missing.pkl"], "error: missing.pkl: feature file not found"),
+])
+def test_nproc_checks_what_it_can_before_starting_processes(setup, tmp_path, monkeypatch, args, message):
+    """One error line from the command, not one per process plus torchrun's report."""
+    root, data, config, cfg = setup
+    from almt_pipeline import distributed
+
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("launched"))
+    r = CliRunner().invoke(app, ["train", "--nproc", "2", "--config", str(config), "--data", str(data),
+                                 "--out", str(tmp_path / "run"), *args])
+    assert r.exit_code == 1 and r.output.startswith(message), r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_killing_torchrun_ends_its_workers(setup, tmp_path):
+    root, data, config, cfg = setup
+    long_config = root / "longer.yaml"
+    long_config.write_text(config.read_text().replace("epochs: 4", "epochs: 200"))
+    run = tmp_path / "run"
+    proc = _torchrun(["--data", str(data), "--config", str(long_config), "--out", str(run), "-q"])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run / "log.jsonl").is_file():
+        time.sleep(0.1)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # torchrun alone: its workers must follow it
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers)
+    lines = len(_history(run))
+    time.sleep(2)
+    assert len(_history(run)) == lines  # nobody trains on
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -181,6 +181,33 @@ def test_nothing_listening_at_the_address_is_one_line(dataset, tmp_path, monkeyp
     assert "Traceback" not in r.output
 
 
+@needs_ray
+@pytest.mark.parametrize("address", [None, "auto", "10.0.0.5:6379"])
+def test_the_address_given_is_the_cluster_ray_joins(address, monkeypatch):
+    """ray.init is recorded, not run (no second cluster here): a given address reaches it as is,
+    so an absent cluster is an error rather than a new local Ray; no address starts a local one."""
+    import ray
+
+    calls = []
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)  # restored after the test
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with ray_engine.ray_session(address, 2):
+        pass
+    assert calls[0]["address"] == (address or "local")
+    assert ("num_cpus" in calls[0]) == (address is None)
+    # a local Ray's workers run at this process's priority, not Ray's default niceness 15
+    assert (os.environ.get("RAY_worker_niceness") == "0") == (address is None)  # noqa: SIM112 (Ray's name)
+
+
+@needs_ray
+def test_no_gpu_on_the_cluster_is_an_error_not_a_wait(monkeypatch):
+    fake = types.SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0})
+    with pytest.raises(ExtractionError, match="the Ray cluster has no GPU"):
+        ray_engine.run_clips(fake, config_from_dict({}), "cuda", {0: (None, Path("x"))}, lambda i, o: None, workers=2)
+
+
 @contextlib.contextmanager
 def socket_closed_port():
     """A local TCP port that nothing listens on."""

@@ -274,8 +274,13 @@ class ClipExtractor:
 
     def _featurize(self, audio: _Audio, wave: np.ndarray, timings: dict[str, float]) -> None:
         """Audio features (T_a, d_a) of ``wave`` (the decoded audio, maybe padded) into ``audio``."""
+        from threadpoolctl import threadpool_limits
+
         t = time.perf_counter()
-        audio.features = np.asarray(self.audio_featurizer(wave), dtype=np.float32)  # (T_a, d_a)
+        # BLAS on one thread, in every engine: the features do not depend on the number of cores
+        # (a Ray worker runs with one; several threads round the last float32 bits differently)
+        with threadpool_limits(1):
+            audio.features = np.asarray(self.audio_featurizer(wave), dtype=np.float32)  # (T_a, d_a)
         audio.n_samples = len(wave)
         timings["audio"] = timings.get("audio", 0.0) + time.perf_counter() - t
 

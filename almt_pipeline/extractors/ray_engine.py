@@ -108,7 +108,12 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Any]:
     reaper = None
     if address is None:
         options.update(address="local", num_cpus=num_cpus, include_dashboard=False)
+        # Ray runs its workers at niceness 15: on a machine with other work they would get what is
+        # left of the CPUs (10x slower under load here); a local Ray's workers run like this process
+        os.environ.setdefault("RAY_worker_niceness", "0")
         reaper = start_reaper()
+    else:
+        options["address"] = address  # "auto" or HOST:PORT: that cluster, never a new local one
     try:
         with _keep_signal_handlers():  # ray.init installs a SIGTERM handler that would skip the cleanup
             try:
@@ -118,10 +123,10 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Any]:
                 raise ExtractionError(f"could not start or reach {where}: {one_line(e)}") from e
         yield ray
     finally:
-        try:
-            ray.shutdown()
-        finally:
-            stop_reaper(reaper)
+        # the reaper stands down only once Ray is down: a second Ctrl-C that cuts the shutdown
+        # short leaves it to end the agents when this process exits
+        ray.shutdown()
+        stop_reaper(reaper)
 
 
 @contextlib.contextmanager
@@ -194,8 +199,8 @@ def run_clips(ray: Any, cfg: Config, device: str, clips: dict[int, tuple[ClipSpe
     gpu = device.startswith("cuda")
     resource = "GPU" if gpu else "CPU"
     available = int(ray.cluster_resources().get(resource, 0))
-    if available < 1 and workers is None:
-        raise ExtractionError(f"the Ray cluster has no {resource}")
+    if available < 1:  # workers would wait for a resource that is not there
+        raise ExtractionError(f"the Ray cluster has no {resource}" + (" (--device cuda)" if gpu else ""))
     n = min(workers or available, len(clips))
     if workers is not None and workers > available:
         logger.warning("%d Ray workers asked for, the cluster has %d %s(s) now: the others start when "
