@@ -382,8 +382,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 def stop_scoring(folder: Path) -> None:
-    """Once the server has stopped: give the threads still scoring (or waiting to) FORCE_S seconds to end; when one
-    has not, remove ``folder`` and exit at once (130, interrupted) rather than wait for it."""
+    """Give the threads still scoring FORCE_S seconds to end; if one has not, remove ``folder`` and exit (130)."""
     end = time.monotonic() + FORCE_S
     others = [t for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
     for thread in others:
@@ -447,3 +446,5 @@ def serve(checkpoint: str | Path | None = None, *, host: str = DEFAULT_HOST, por
             server.run(sockets=[sock])
         finally:
             stop_scoring(work_dir)
+        if server.should_exit:  # a signal stopped it; uvicorn re-raises it, unless this process ignores SIGINT
+            raise KeyboardInterrupt

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from synthetic import make_synthetic, make_tiny_text_model
-from test_train import AUDIO, TEXT_DIM, TEXT_LEN, VISION, tiny_config
+from test_train import AUDIO, TEXT_DIM, TEXT_LEN, VISION, interrupted_after_epoch, tiny_config
 from transformers import BertConfig, BertModel
 
-from almt_pipeline import runs
 from almt_pipeline.batches import to_split
 from almt_pipeline.config import OBJECTIVES, ContrastiveConfig, MultitaskConfig, load_config, replace_config
 from almt_pipeline.errors import ConfigError, TrainingError
@@ -293,17 +292,7 @@ def test_an_objective_run_resumes_to_the_same_result(tiny, tmp_path, monkeypatch
     text_model, data = tiny
     cfg = tiny_config(text_model, objective="multitask+contrastive", epochs=4, warmup_ratio=0.25)
     straight = train(cfg, data, tmp_path / "straight", device="cpu", quiet=True)
-    real_save = runs.save_state
-
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        if state["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, "save_state", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, data, tmp_path / "resumed", device="cpu", quiet=True)
-    monkeypatch.setattr(runs, "save_state", real_save)
+    interrupted_after_epoch(monkeypatch, 2, lambda: train(cfg, data, tmp_path / "resumed", device="cpu", quiet=True))
     resumed = train(cfg, data, tmp_path / "resumed", device="cpu", resume=True, quiet=True)
     assert resumed["test"] == straight["test"] and resumed["generated_labels"] == straight["generated_labels"]
     assert resumed["stage_weights"] == straight["stage_weights"]
@@ -334,16 +323,7 @@ def test_multitask_uses_the_files_unimodal_labels(tiny, tmp_path):
 def test_resuming_on_another_training_split_is_refused(tiny, tmp_path, monkeypatch):
     text_model, data = tiny
     cfg = tiny_config(text_model, objective="multitask", epochs=3)
-    real_save = runs.save_state
-
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, "save_state", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, data, tmp_path / "run", device="cpu", quiet=True)
-    monkeypatch.setattr(runs, "save_state", real_save)
+    interrupted_after_epoch(monkeypatch, None, lambda: train(cfg, data, tmp_path / "run", device="cpu", quiet=True))
     other = tmp_path / "other.pkl"
     make_synthetic(other, n=(30, 12, 12), text_len=TEXT_LEN, audio=AUDIO, vision=VISION, text_dim=TEXT_DIM, seed=4)
     with pytest.raises(TrainingError, match="saved labels belong to another training split"):

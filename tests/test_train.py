@@ -55,6 +55,21 @@ def trained(tiny, tmp_path_factory):
     return out, summary
 
 
+def interrupted_after_epoch(monkeypatch, epoch: int | None, run) -> None:
+    """``run()`` stopped by a Ctrl-C right after the resume state of ``epoch`` (None: the first) is saved."""
+    real_save = runs.save_state
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        if epoch is None or state["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "save_state", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(runs, "save_state", real_save)
+
+
 def _strip(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time_s"} for r in history]
 
@@ -147,17 +162,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny, tmp_path, mo
     cfg = tiny_config(text_model, epochs=4, warmup_ratio=0.25)
     straight = train(cfg, data, tmp_path / "straight", device="cpu", quiet=True)
 
-    real_save = runs.save_state
-
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        if state["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, "save_state", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, data, tmp_path / "resumed", device="cpu", quiet=True)
-    monkeypatch.setattr(runs, "save_state", real_save)
+    interrupted_after_epoch(monkeypatch, 2, lambda: train(cfg, data, tmp_path / "resumed", device="cpu", quiet=True))
     assert len(_history(tmp_path / "resumed")) == 2
     resumed = train(cfg, data, tmp_path / "resumed", device="cpu", resume=True, quiet=True)
 
