@@ -15,16 +15,15 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 import types
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from marked_runs import MarkedRun, cmdline, proc_stat
 from typer.testing import CliRunner
 
 from almt_pipeline.cli import app
@@ -52,7 +51,6 @@ SMALL_YAML = "model: {text_len: 16, audio_len: 64, vision_len: 4}\nextract: {vis
 N_GOOD = 36  # clips of the sample dataset
 MARKER = "ALMT_RAY_TEST_RUN"
 START_TIMEOUT_S = 240.0  # a local Ray and two workers loading the models on a busy machine
-GONE_TIMEOUT_S = 20.0  # polling limit for the processes to disappear, not a speed requirement
 
 
 @pytest.fixture(scope="module")
@@ -296,35 +294,27 @@ def test_lost_worker_loses_no_clip(local_run, dataset, cfg, ray_cluster, tmp_pat
 # the local Ray that `almt extract --engine ray` starts ends with it
 
 
-class Run:
+class Run(MarkedRun):
     """``almt extract --engine ray`` (its own local Ray) in a subprocess whose processes carry a
     marker in their environment."""
 
     def __init__(self, dataset: Path, out_dir: Path):
-        self.out_dir = out_dir
-        self.marker = uuid.uuid4().hex
         self.seen: dict[int, str] = {}  # pid -> start time
         out_dir.mkdir(exist_ok=True)
-        self.log = out_dir / f"log-{self.marker}.txt"
         config = out_dir / "small.yaml"
         config.write_text(SMALL_YAML)
         cmd = [sys.executable, "-m", "almt_pipeline.cli", "extract", str(dataset), "--engine", "ray",
                "--workers", "2", "-o", str(out_dir / "features.pkl"), "-c", str(config), "-q"]
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, MARKER: self.marker})
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
+        super().__init__(cmd, out_dir, MARKER, {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
 
     def processes(self) -> dict[int, str]:
         """Live processes of this run other than the parent: pid -> command line. Those seen
         before are followed by pid and start time (Ray's agents may wipe their environment)."""
-        found = {pid: cmd for pid, cmd in _marked_processes(self.marker).items() if pid != self.proc.pid}
+        found = super().processes()
         for pid, started in self.seen.items():
             with contextlib.suppress(OSError, IndexError):
-                if pid not in found and _proc_stat(str(pid))[0] != "Z" and _start_time(pid) == started:
-                    found[pid] = _cmdline(str(pid))
+                if pid not in found and proc_stat(str(pid))[0] != "Z" and _start_time(pid) == started:
+                    found[pid] = cmdline(str(pid))
         return found
 
     def note_processes(self) -> None:
@@ -342,51 +332,9 @@ class Run:
             time.sleep(0.05)
         pytest.fail(f"no clip finished after {START_TIMEOUT_S} s:\n{self.output()}")
 
-    def wait_until_no_process_left(self) -> dict[int, str]:
-        deadline = time.monotonic() + GONE_TIMEOUT_S
-        left = self.processes()
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = self.processes()
-        return left
-
-    def clean_up(self) -> None:
-        """End whatever this run left (only its own processes, one by one)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for pid in self.processes():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _proc_stat(pid: str) -> tuple[str, int]:
-    """(state, parent pid) of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
-
 
 def _start_time(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-
-
-def _cmdline(pid: str) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-
-
-def _marked_processes(marker: str) -> dict[int, str]:
-    """Processes (not zombies) whose environment holds ``MARKER=marker``: pid -> command line."""
-    needle = f"{MARKER}={marker}".encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0") and _proc_stat(entry.name)[0] != "Z":
-                found[int(entry.name)] = _cmdline(entry.name)
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return found
 
 
 def _descendants(root: int) -> dict[int, str]:
@@ -395,7 +343,7 @@ def _descendants(root: int) -> dict[int, str]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                state, ppid = _proc_stat(entry.name)
+                state, ppid = proc_stat(entry.name)
                 if state != "Z":
                     parents[int(entry.name)] = ppid
     found: dict[int, str] = {}
@@ -405,7 +353,7 @@ def _descendants(root: int) -> dict[int, str]:
             p = parents[p]
         if p == root and pid != root:
             with contextlib.suppress(OSError):
-                found[pid] = _cmdline(str(pid))
+                found[pid] = cmdline(str(pid))
     return found
 
 
@@ -417,9 +365,7 @@ def test_killed_parent_leaves_no_ray_process(dataset, tmp_path):
     try:
         run.wait_for_busy_workers()
         assert any("raylet" in c for c in run.processes().values()), run.processes()
-        run.proc.send_signal(signal.SIGKILL)
-        run.proc.wait()
-        left = run.wait_until_no_process_left()
+        left = run.kill()
         assert left == {}, f"processes of the killed run still alive: {left}"
     finally:
         run.clean_up()

@@ -5,24 +5,20 @@ and kills it while its workers extract. The processes of one run are found by an
 variable that only that run (and what it starts) carries.
 """
 
-import contextlib
 import csv
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from marked_runs import MarkedRun
 
 COPIES = 8  # 48 clips: the workers are still busy when the first one is finished
 MARKER = "ALMT_TEST_RUN"
 START_TIMEOUT_S = 240.0  # loading the models in two workers on a busy machine
-GONE_TIMEOUT_S = 20.0  # polling limit for the processes to disappear, not a speed requirement
 
 
 @pytest.fixture(scope="module")
@@ -51,29 +47,16 @@ def dataset(tmp_path_factory, data_dir) -> Path:
     return dst
 
 
-class Run:
+class Run(MarkedRun):
     """``almt extract DATASET --workers 2`` in a subprocess whose processes carry a marker."""
 
     def __init__(self, dataset: Path, out_dir: Path):
-        self.out_dir = out_dir
-        self.marker = uuid.uuid4().hex
-        out_dir.mkdir(exist_ok=True)
-        self.log = out_dir / f"log-{self.marker}.txt"
         cmd = [sys.executable, "-m", "almt_pipeline.cli", "extract", str(dataset), "--workers", "2",
                "-o", str(out_dir / "features.pkl"), "-c", str(dataset.parent / "small.yaml"), "-q"]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, MARKER: self.marker})
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
+        super().__init__(cmd, out_dir, MARKER)
 
     def finished_clips(self) -> int:
         return len(list((self.out_dir / ".almt_cache").rglob("*.npz")))
-
-    def processes(self) -> dict[int, str]:
-        """Live processes of this run other than the parent: pid -> command line."""
-        return {pid: cmd for pid, cmd in _marked_processes(self.marker).items() if pid != self.proc.pid}
 
     def wait_for_busy_workers(self) -> None:
         """Until two worker processes exist and the first clip is finished (so the workers have
@@ -87,42 +70,6 @@ class Run:
             time.sleep(0.05)
         pytest.fail(f"no busy workers after {START_TIMEOUT_S} s:\n{self.output()}")
 
-    def wait_until_no_process_left(self) -> dict[int, str]:
-        deadline = time.monotonic() + GONE_TIMEOUT_S
-        left = self.processes()
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = self.processes()
-        return left
-
-    def clean_up(self) -> None:
-        """End whatever this run left (only its own processes, one by one)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for pid in self.processes():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _marked_processes(marker: str) -> dict[int, str]:
-    """Processes (not zombies) whose environment holds ``MARKER=marker``: pid -> command line."""
-    needle = f"{MARKER}={marker}".encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if state != "Z":
-            found[int(entry.name)] = cmdline
-    return found
-
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 
@@ -133,9 +80,7 @@ def test_killed_parent_leaves_no_worker(dataset, tmp_path):
     run = Run(dataset, tmp_path / "out")
     try:
         run.wait_for_busy_workers()
-        run.proc.send_signal(signal.SIGKILL)
-        run.proc.wait()
-        left = run.wait_until_no_process_left()
+        left = run.kill()
         assert left == {}, f"processes of the killed run still alive: {left}"
     finally:
         run.clean_up()
