@@ -74,6 +74,13 @@ class MarkedRun:
         self.proc.wait()
         return self.wait_until_no_process_left()
 
+    def terminate(self, timeout: float = 120.0) -> tuple[int, str, list[str]]:
+        """SIGTERM the command: its exit status, its output, and the output's lines saying how to resume."""
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=timeout)
+        output = self.output()
+        return rc, output, [ln for ln in output.splitlines() if "run the same command again to resume" in ln]
+
     def clean_up(self) -> None:
         """End whatever this run left (only its own processes, one by one)."""
         if self.proc.poll() is None:

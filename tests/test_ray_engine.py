@@ -378,11 +378,8 @@ def test_sigterm_stops_ray_keeps_finished_clips_and_says_how_to_resume(dataset, 
     run = Run(dataset, tmp_path / "out")
     try:
         run.wait_for_busy_workers()
-        run.proc.send_signal(signal.SIGTERM)
-        rc = run.proc.wait(timeout=120)
-        output = run.output()
+        rc, output, resume = run.terminate()
         assert rc == 130, output  # SIGTERM takes the Ctrl-C path, although ray.init sets its own handler
-        resume = [ln for ln in output.splitlines() if "run the same command again to resume" in ln]
         assert len(resume) == 1 and resume[0].startswith("received SIGTERM: "), output
         assert "Traceback" not in output, output
         assert run.wait_until_no_process_left() == {}
