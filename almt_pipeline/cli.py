@@ -33,7 +33,7 @@ from .cli_common import (
     parse_seeds,
     setup_logging,
 )
-from .config import BUILTIN_CONFIGS, EXTRACTION_CONFIGS, Config
+from .config import BUILTIN_CONFIGS, EXTRACTION_CONFIGS, Config, replace_config
 from .errors import ConfigError
 from .schema import SPLITS, check_split
 
@@ -89,7 +89,16 @@ def extract(
         None, "--cache-dir",
         help="Per-clip cache (default: .almt_cache next to --out).",
     ),
-    device: str = typer.Option("cpu", "--device", help="Device for the text and ASR models."),
+    pyfeat_weights: Path | None = typer.Option(
+        None, "--pyfeat-weights",
+        help="pyfeat backend: folder of py-feat's weights in Hugging Face cache layout, filled once with "
+             "`hf download py-feat/... --cache-dir DIR` (config: extract.visual.pyfeat_weights; default: "
+             "py-feat's package folder, downloaded on first use).",
+    ),
+    device: str = typer.Option(
+        "cpu", "--device",
+        help="Device for the text and ASR models; cuda also runs py-feat there (config: extract.visual.pyfeat_device).",
+    ),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -109,8 +118,11 @@ def extract(
         )
     cfg = load_cli_config(
         config, text_model,
-        extract={"visual.backend": visual_backend, "visual.fps": fps, "asr_model": asr_model},
+        extract={"visual.backend": visual_backend, "visual.fps": fps, "asr_model": asr_model,
+                 "visual.pyfeat_weights": str(pyfeat_weights.expanduser().resolve()) if pyfeat_weights else None},
     )
+    if device.startswith("cuda") and cfg.extract.visual.backend == "pyfeat":  # py-feat on the GPU too
+        cfg = replace_config(cfg, extract={"visual.pyfeat_device": device})
     summary = run_extract(
         input, out, cfg, workers=workers, unlabeled_split=unlabeled_split,
         cache_dir=cache_dir, device=device, quiet=quiet, engine=engine, ray_address=ray_address,

@@ -177,10 +177,16 @@ class VisualConfig:
     fps: float = _bounded(10.0, 0.0, 1000.0, low_open=True, high_open=False)
     # frames are downscaled (never up) so the longer side is at most this; 16384 is beyond 16K video
     max_side: int = _size(320, 16384)
-    # landmarks backend: run the face detector every N sampled frames (a count of frames)
+    # both backends: run the face detector every N sampled frames (a count of frames); in between
+    # the face found last is tracked, with a re-detection whenever tracking fails
     detect_every: int = _size(5, MAX_LENGTH)
     pyfeat_landmarks: bool = False  # pyfeat backend: also output the 68 landmarks
-    pyfeat_device: str = "auto"
+    pyfeat_device: str = "auto"  # pyfeat backend: auto (CUDA when present), cpu, cuda or cuda:N
+    # pyfeat backend: frames per batch through py-feat's models (larger: faster on a GPU, more memory)
+    pyfeat_batch_size: int = _size(16, MAX_BATCH)
+    # pyfeat backend: folder of py-feat's weights in Hugging Face cache layout, filled once with
+    # `hf download py-feat/... --cache-dir DIR`; null: py-feat's package folder (downloads on first use)
+    pyfeat_weights: str | None = None
 
 
 @dataclass

@@ -11,6 +11,10 @@ its share of the transcript's words (transcripts carry no word timings, so speec
 evenly spread over the clip), and the clip's score is the mean of the window scores weighted by
 their token counts. A transcript that fits is one window: the clip is scored as a whole.
 
+Speech recognition of a clip without a transcript starts in a background thread when the clip
+does (in a batch, the next clip's too), so it runs while the clip's audio features are computed;
+the ``asr`` timing is then the time the clip still had to wait for its transcript.
+
     from almt_pipeline import Predictor
     p = Predictor("runs/20260101-120000/checkpoint")
     print(p.predict("clip.mp4").score)
@@ -35,7 +39,7 @@ from tqdm import tqdm
 
 from .config import Config, config_from_dict, config_to_dict
 from .errors import AlmtError, CheckpointError
-from .extractors.asr import Transcriber
+from .extractors.asr import Transcriber, TranscriptPrefetch, sidecar_paths
 from .extractors.clip import ClipExtractor, ClipFailure, ClipResult, TranscriberLike, run_guarded
 from .extractors.dataset import ClipSpec, list_plain_clips
 from .extractors.text import TextFeaturizer, TextWindow
@@ -132,7 +136,11 @@ class Predictor:
         self.label_scale = self.checkpoint.label_scale
         # token ids only: the checkpoint runs its own fine-tuned text model
         self.text = TextFeaturizer(str(ckpt_dir), self.cfg.model.text_len, tokenizer=self.checkpoint.tokenizer)
-        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir, self.text, transcriber=transcriber)
+        ex = self.cfg.extract
+        # the recogniser ClipExtractor would load on first need, unless one is already loading
+        self.asr = TranscriptPrefetch(transcriber if transcriber is not None else
+                                      partial(Transcriber, ex.asr_model, language=ex.language, device="cpu"))
+        self.extractor = _make_extractor(self.cfg, self.checkpoint, ckpt_dir, self.text, transcriber=self.asr)
         self.load_seconds = time.perf_counter() - t
         log.debug("loaded %s in %.2f s", ckpt_dir, self.load_seconds)
 
@@ -151,7 +159,7 @@ class Predictor:
         t0 = time.perf_counter()
         if transcript is not None and transcript_source is None:
             transcript_source = "given"
-        result = self.extractor(clip, transcript=transcript, transcript_source=transcript_source)
+        result = self._extract(clip, transcript, transcript_source)
         t = time.perf_counter()
         text_windows = self._text_windows(result)
         scores = self.score_windows(text_windows, result.audio, result.vision)
@@ -176,8 +184,22 @@ class Predictor:
         when the transcript fits) and the model's inputs, one row per window, on the predictor's
         device: text_bert (W, 3, L), audio (W, T_a, d_a), vision (W, T_v, d_v), audio and vision
         lengths (W,). Row i scores window i; :func:`weighted_score` of those is the clip's score."""
-        result = self.extractor(clip, transcript=transcript, transcript_source=None if transcript is None else "given")
+        result = self._extract(clip, transcript, None if transcript is None else "given")
         return (result, *self.model_inputs(result))
+
+    def _extract(self, clip: str | Path, transcript: str | None, transcript_source: str | None) -> ClipResult:
+        """The extractor's features of ``clip``, its speech recognition started ahead."""
+        self._start_asr(clip, transcript)
+        try:
+            return self.extractor(clip, transcript=transcript, transcript_source=transcript_source)
+        finally:
+            self.asr.discard(clip)
+
+    def _start_asr(self, clip: str | Path, transcript: str | None) -> None:
+        """Start recognising the clip's speech in the background when it has no transcript (given
+        or in a sidecar file): it runs while the extractor computes the audio features."""
+        if transcript is None and not any(p.is_file() for p in sidecar_paths(clip)):
+            self.asr.submit(clip)
 
     def model_inputs(self, result: ClipResult) -> tuple[list[TextWindow], tuple[torch.Tensor, ...]]:
         """A clip's text windows and the model's inputs for them, one row per window (see :meth:`inputs`)."""
@@ -226,17 +248,22 @@ class Predictor:
 
         A :class:`~.extractors.dataset.ClipSpec` brings its transcript (read once, when listed).
         """
-        items = list(clips)
+        items = [(i.path, i.text, i.text_source) if isinstance(i, ClipSpec) else (Path(i), None, None)
+                 for i in clips]
         out: list[Prediction] = []
-        for item in tqdm(items, unit="clip", disable=quiet or len(items) < 2, desc="predict"):
-            path, text, source = (item.path, item.text, item.text_source) if isinstance(item, ClipSpec) \
-                else (Path(item), None, None)
-            outcome = run_guarded(partial(self.predict, path, text, source), path)
-            if isinstance(outcome, ClipFailure):
-                if outcome.traceback:
-                    log.debug("unexpected failure on %s:\n%s", path, outcome.traceback)
-                outcome = Prediction(path=str(path), error=outcome.message)
-            out.append(outcome)
+        try:
+            for k, (path, text, source) in enumerate(tqdm(items, unit="clip", disable=quiet or len(items) < 2,
+                                                          desc="predict")):
+                for ahead in items[k:k + 2]:  # this clip's speech recognition, then the next one's
+                    self._start_asr(ahead[0], ahead[1])
+                outcome = run_guarded(partial(self.predict, path, text, source), path)
+                if isinstance(outcome, ClipFailure):
+                    if outcome.traceback:
+                        log.debug("unexpected failure on %s:\n%s", path, outcome.traceback)
+                    outcome = Prediction(path=str(path), error=outcome.message)
+                out.append(outcome)
+        finally:
+            self.asr.discard()  # an interrupted batch leaves no transcription running ahead
         return out
 
 
@@ -336,7 +363,10 @@ def _extraction_config(ckpt: LoadedCheckpoint, ckpt_dir: Path) -> Config:
             "from raw clips; train on a file written by `almt extract` to predict on clips"
         )
     d = config_to_dict(ckpt.cfg)
-    d["extract"] = settings
+    d["extract"] = dict(settings)
+    if isinstance(settings.get("visual"), dict) and "pyfeat_device" in settings["visual"]:
+        # the device the features were made on says nothing about this machine's
+        d["extract"]["visual"] = {**settings["visual"], "pyfeat_device": "auto"}
     try:
         return config_from_dict(d, source=f"{ckpt_dir} (feature settings)")
     except AlmtError as e:
@@ -367,7 +397,7 @@ def start_loading_asr(ckpt_dir: Path) -> Future[TranscriberLike] | None:
 
 
 def _make_extractor(cfg: Config, ckpt: LoadedCheckpoint, ckpt_dir: Path, text: TextFeaturizer,
-                    transcriber: Future[TranscriberLike] | None = None) -> ClipExtractor:
+                    transcriber: TranscriberLike | None = None) -> ClipExtractor:
     """A ClipExtractor whose features match the checkpoint's feature names exactly."""
     extractor = ClipExtractor(cfg, device="cpu", text_featurizer=text, transcriber=transcriber)
     expected = (ckpt.feature_meta or {}).get("feature_names") or {}

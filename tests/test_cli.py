@@ -163,3 +163,26 @@ def test_os_errors_are_one_line_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "check_run_dir", disk_full)
     line = one_line_error(invoke("train", "--out", tmp_path / "run"))
     assert "No space left on device (while writing)" in line and "run.json" in line
+
+
+def test_extract_pyfeat_weights_and_device_reach_the_config(tmp_path, monkeypatch):
+    import types
+
+    seen = {}
+
+    def fake_extract(input, out, cfg, **kwargs):
+        seen["cfg"] = cfg
+        return types.SimpleNamespace(failed=0)
+
+    monkeypatch.setattr("almt_pipeline.extractors.runner.extract", fake_extract)
+    monkeypatch.chdir(tmp_path)
+    r = invoke("extract", tmp_path, "--config", "pyfeat", "--pyfeat-weights", "w", "--device", "cuda:1")
+    assert r.exit_code == 0, r.output
+    visual = seen["cfg"].extract.visual
+    assert visual.pyfeat_weights == str(tmp_path.resolve() / "w") and visual.pyfeat_device == "cuda:1"
+    invoke("extract", tmp_path, "--config", "pyfeat")
+    visual = seen["cfg"].extract.visual
+    assert visual.pyfeat_weights is None and visual.pyfeat_device == "auto"  # --device cpu leaves the config's
+    invoke("extract", tmp_path, "--config", "default", "--device", "cuda")
+    assert seen["cfg"].extract.visual.pyfeat_device == "auto"  # the landmarks backend: nothing to move
+    assert "--pyfeat-weights" in invoke("extract", "--help").output

@@ -175,3 +175,15 @@ def test_config_of_an_older_checkpoint_takes_defaults_for_new_keys():
     cfg = config_from_dict(old, source="old checkpoint")
     assert cfg.model.fast_attention is True and cfg == load_config("mosi")
     assert config_from_dict({"model": {"fast_attention": False}}).model.fast_attention is False
+
+
+def test_pyfeat_weights_and_batch_size_keys():
+    cfg = load_config("pyfeat")
+    assert cfg.extract.visual.pyfeat_weights is None and cfg.extract.visual.pyfeat_batch_size >= 1
+    cfg = config_from_dict({"extract": {"visual": {"pyfeat_weights": "/data/pyfeat", "pyfeat_batch_size": 4}}})
+    assert cfg.extract.visual.pyfeat_weights == "/data/pyfeat" and cfg.extract.visual.pyfeat_batch_size == 4
+    assert config_from_dict({"extract": {"visual": {"pyfeat_weights": None}}}).extract.visual.pyfeat_weights is None
+    with pytest.raises(ConfigError, match="'extract.visual.pyfeat_weights' must be a string"):
+        config_from_dict({"extract": {"visual": {"pyfeat_weights": 5}}})
+    with pytest.raises(ConfigError, match=r"'extract.visual.pyfeat_batch_size' must be in \[1, "):
+        config_from_dict({"extract": {"visual": {"pyfeat_batch_size": 0}}})

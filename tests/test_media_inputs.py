@@ -219,7 +219,7 @@ def test_ffprobe_that_cannot_run_is_a_dependency_error(clips, tmp_path, monkeypa
 def test_unrunnable_ffmpeg_stops_the_batch_once(clips, tmp_path, monkeypatch):
     folder = tmp_path / "clips"
     folder.mkdir()
-    for name in ("a", "b"):
+    for name in ("a", "b", "c", "d"):
         shutil.copy(clips["good"], folder / f"{name}.mp4")
         (folder / f"{name}.txt").write_text("a transcript", encoding="utf-8")
     fakes = tmp_path / "bin"
@@ -228,7 +228,9 @@ def test_unrunnable_ffmpeg_stops_the_batch_once(clips, tmp_path, monkeypatch):
     monkeypatch.setenv("ALMT_FFPROBE", "none")
     with pytest.raises(DependencyError, match="libfoo.so"):
         extract(folder, tmp_path / "out" / "features.pkl", _cfg(), quiet=True)
-    assert len((fakes / "calls").read_text().splitlines()) == 1  # the first clip stopped the batch
+    # the first clip stopped the batch: one call for it, and at most one for the next clip, which
+    # is opened ahead while the first is extracted
+    assert 1 <= len((fakes / "calls").read_text().splitlines()) <= 2
 
 
 # ------------------------------------------------------------------ not media, or part of one

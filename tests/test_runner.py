@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from almt_pipeline import files
 from almt_pipeline.cli import app
 from almt_pipeline.config import config_from_dict, replace_config
-from almt_pipeline.errors import ConfigError, ExtractionError
+from almt_pipeline.errors import ConfigError, ExtractionError, MediaError
 from almt_pipeline.extractors.clip import ClipExtractor, ClipResult
 from almt_pipeline.extractors.runner import extract
 from almt_pipeline.extractors.summary import ExtractSummary
@@ -262,6 +262,50 @@ def test_clip_extractor_result(data_dir, cfg):
     assert r2.transcript_source == "sidecar"
 
 
+
+def test_look_ahead_gives_the_same_result_and_keeps_errors_with_their_clip(data_dir, cfg, monkeypatch):
+    """A batch opens the next clip (probe + audio decode) while the current one is computed: the
+    result is the same as without, an error of a clip opened ahead is raised by the call for that
+    clip, and a look-ahead for another clip is not used."""
+    import almt_pipeline.extractors.clip as clip_module
+
+    ex = ClipExtractor(cfg)
+    good, bad = data_dir / "speech_face.mp4", data_dir / "not_a_video.mp4"
+    plain = ex(good, "a transcript")
+    real_probe, calls = clip_module.probe, []
+    monkeypatch.setattr(clip_module, "probe", lambda p, **kw: calls.append(Path(p)) or real_probe(p, **kw))
+    ex.look_ahead(good)
+    ahead = ex(good, "a transcript")
+    assert calls == [good]  # opened once, ahead of the call
+    for name in ("text_bert", "text", "audio", "vision"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(ahead, name))
+    assert ahead.duration == plain.duration and ahead.face_fraction == plain.face_fraction
+
+    ex.look_ahead(bad)  # the error waits for the call for that clip
+    with pytest.raises(MediaError, match="not_a_video.mp4"):
+        ex(bad, "a transcript")
+
+    calls.clear()
+    ex.look_ahead(bad)  # not the clip called next: ignored, the clip is opened by the call
+    assert ex(good, "a transcript").duration == plain.duration
+    assert good in calls
+
+
+def test_a_batch_opens_every_clip_but_the_first_ahead(mini_run, data_dir, cfg, tmp_path, monkeypatch):
+    opened = []
+    real_open = ClipExtractor._open
+
+    def spy(self, path, decode):
+        opened.append((path.name, decode))
+        return real_open(self, path, decode)
+
+    monkeypatch.setattr(ClipExtractor, "_open", spy)
+    out = tmp_path / "features.pkl"
+    summary = extract(data_dir / "mini_dataset", out, cfg, quiet=True)
+    assert summary.extracted == len(opened) > 2  # each clip opened once: the first by its call,
+    assert sorted(decode for _, decode in opened) == [False] + [True] * (len(opened) - 1)  # the rest ahead
+    _assert_same_splits(_raw(mini_run[0]), _raw(out))  # the same file as the mini run's
+
 # ---------------------------------------------------------------------------------------------
 # failing early, losing nothing
 
@@ -495,6 +539,17 @@ def test_summary_names_truncated_padded_and_damaged_clips():
     quiet = ExtractSummary(out_path=None, failures_path=Path("f.csv"), text_len=4)
     quiet.count([("a$_$4", result())], audio_len=8, vision_len=8)
     assert "1 truncated" not in quiet.to_text() and "decode errors" not in quiet.to_text()
+
+
+def test_summary_speed_leaves_model_loading_out(mini_run):
+    timed = ExtractSummary(out_path=None, failures_path=Path("f.csv"), clip_seconds=30.0, total_seconds=9.0)
+    timed.clip_done(100.0, 101.0)  # clips of two workers: the window runs from the first start
+    timed.clip_done(100.5, 103.0)  # to the last end
+    assert timed.extract_seconds == pytest.approx(3.0) and timed.speed == pytest.approx(10.0)
+    assert "time: 9.0 s (3.0 s after loading the models), 30.0 clip-seconds extracted (10.0x real time)" \
+        in timed.to_text()
+    _, summary = mini_run  # a real run: the window lies inside the whole run
+    assert 0.0 < summary.extract_seconds < summary.total_seconds
 
 
 def test_feature_file_meta_records_decode_errors_and_padding(mini_run):

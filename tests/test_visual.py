@@ -225,38 +225,69 @@ def test_lost_track_and_backfill():
 # ------------------------------------------------------------------------------- py-feat adapter
 
 
+def _frame_index(image) -> int:
+    return int(image[0, 0, 0])  # the frame's number, painted into its corner by _numbered()
+
+
+def _numbered(n: int, shape=(360, 640, 3)) -> list:
+    """``n`` black frames, frame i with the value i in its top-left 8x8 pixels (kept by downscaling)."""
+    frames = []
+    for i in range(n):
+        img = np.zeros(shape, np.uint8)
+        img[:8, :8] = i
+        frames.append((i / 10, img))
+    return frames
+
+
 class StandInDetector:
-    """Stands in for py-feat 2.1.5's ``Detectorv1``, whose weights come from the Hugging Face hub
-    and cannot be downloaded here. ``detect(tensor, data_type="tensor", ...)`` answers like the
-    real one: one row per face with py-feat's column layout, a ``frame`` column counting from 0
-    within the call, and for a frame without a face a single row whose face box is NaN."""
+    """Stands in for the parts of py-feat 2.1.5's ``Detectorv1`` the backend calls
+    (:class:`~almt_pipeline.extractors.pyfeat_track.DetectorSteps`); the real one runs in
+    tests/test_pyfeat_real.py. ``facepose_detector(images)`` answers like RetinaFace: per image a
+    list of ``[x1, y1, x2, y2, score]``; ``detect_faces`` asks ``facepose_detector`` and crops;
+    ``forward`` returns one row per face with py-feat's columns, computed from the scripted face
+    found at that box in that frame (the frame is known from its painted number). A box where the
+    frame has no such face gets a degenerate landmark fit, as a real landmark model would on
+    background."""
+
+    face_size = 112
 
     def __init__(self, faces_per_frame):
         self.faces_per_frame = list(faces_per_frame)  # per frame: list of (x, y, w, h, value)
-        self.calls = []
-        self.seen = 0
+        self.detect_calls = []  # (B, 3, H, W) of each face-detector call
+        self.facepose_detector = self._retinaface
 
-    def detect(self, inputs, data_type="image", batch_size=1, progress_bar=True,
-               face_detection_threshold=0.5, **kwargs):
-        assert data_type == "tensor" and inputs.ndim == 4 and inputs.shape[1] == 3  # (B, 3, H, W)
-        self.calls.append(tuple(inputs.shape))
+    def _retinaface(self, images):
+        self.detect_calls.append(tuple(images.shape))
+        return [[[x, y, x + w, y + h, 0.99] for x, y, w, h, _ in self.faces_per_frame[_frame_index(image)]]
+                for image in images]
+
+    def detect_faces(self, images, face_size=112, face_detection_threshold=0.5):
+        import torch
+
+        crop = torch.linspace(0, 1, 3 * face_size * face_size).reshape(1, 3, face_size, face_size)
+        out = []
+        for image, found in zip(images, self.facepose_detector(images.float())):
+            boxes = [b for b in found if b[4] >= face_detection_threshold]
+            out.append({"frame": _frame_index(image), "boxes": boxes, "faces": crop.repeat(len(boxes), 1, 1, 1)})
+        return out
+
+    def forward(self, faces_data, batch_data):
         rows = []
-        for i in range(inputs.shape[0]):
-            faces = self.faces_per_frame[self.seen + i]
-            for x, y, w, h, value in faces or [(np.nan, np.nan, np.nan, np.nan, np.nan)]:
-                row = dict(zip(FACEBOX_COLUMNS, [x, y, w, h, 0.0 if np.isnan(x) else 0.99], strict=True))
+        for face in faces_data:
+            scripted = {(x, y): (w, h, v) for x, y, w, h, v in self.faces_per_frame[face["frame"]]}
+            for x1, y1, x2, y2, score in face["boxes"]:
+                w, h = x2 - x1, y2 - y1
+                value = scripted.get((x1, y1), (w, h, 0.0))[2]
+                spread = 1.0 if (x1, y1) in scripted else 0.01  # background: a collapsed fit
                 lm = np.arange(len(LANDMARK_COLUMNS), dtype=float)
-                xs = x + w * (0.2 + 0.6 * (lm[:68] % 17) / 16)
-                ys = y + h * (0.2 + 0.6 * (lm[68:] - 68) / 67)
+                xs = x1 + w * (0.5 + spread * (-0.3 + 0.6 * (lm[:68] % 17) / 16))
+                ys = y1 + h * (0.5 + spread * (-0.3 + 0.6 * (lm[68:] - 68) / 67))
+                row = dict(zip(FACEBOX_COLUMNS, [x1, y1, w, h, score], strict=True))
                 row.update(zip(LANDMARK_COLUMNS, np.concatenate([xs, ys]), strict=True))
                 row.update({"Pitch": value, "Roll": -value, "Yaw": 2 * value, "X": 0, "Y": 0, "Z": 0})
                 row.update({au: value / 10 for au in AU_COLUMNS})
                 row.update({emo: value / 100 for emo in EMOTION_COLUMNS})
-                row.update({"gaze_pitch": np.nan, "gaze_yaw": np.nan, "gaze_angle": np.nan,
-                            "FrameHeight": inputs.shape[2], "FrameWidth": inputs.shape[3],
-                            "input": "tensor", "frame": i})
                 rows.append(row)
-        self.seen += inputs.shape[0]
         return pd.DataFrame(rows)
 
 
@@ -268,13 +299,12 @@ def test_pyfeat_adapter_with_stand_in():
         [(30, 20, 40, 40, 3.0)],
         [(30, 20, 40, 40, 4.0)],
     ]
-    cfg = VisualConfig(backend="pyfeat", pyfeat_landmarks=True, max_side=320)
+    cfg = VisualConfig(backend="pyfeat", pyfeat_landmarks=True, max_side=320, detect_every=1)
     det = StandInDetector(faces)
     fz = PyFeatFaceFeaturizer(cfg, detector=det, batch_size=2)
     assert fz.feature_names == pyfeat_feature_names(True) and fz.dim == 1 + 20 + 7 + 3 + 136
-    frames = [(i / 10, np.zeros((360, 640, 3), np.uint8)) for i in range(len(faces))]
-    vf = fz(frames)
-    assert det.calls == [(2, 3, 180, 320), (2, 3, 180, 320), (1, 3, 180, 320)]  # batched, downscaled
+    vf = fz(_numbered(len(faces)))
+    assert det.detect_calls == [(2, 3, 180, 320), (2, 3, 180, 320), (1, 3, 180, 320)]  # batched, downscaled
     assert vf.features.shape == (5, fz.dim) and vf.features.dtype == np.float32
     assert vf.face_found.tolist() == [True, True, False, True, True]
     assert not vf.features[2].any() and np.isfinite(vf.features).all()
@@ -285,9 +315,31 @@ def test_pyfeat_adapter_with_stand_in():
     assert vf.features[1, fz.feature_names.index("happiness")] == pytest.approx(0.07)
     lm = slice(fz.feature_names.index("lm_x_0"), None)
     assert abs(vf.features[0, lm].mean()) < 1e-5 and vf.features[0, lm].std() > 0.1  # normalised
+    assert fz.last_kinds == ["scheduled"] * 5  # detect_every 1: the detector runs on every frame
 
     short = PyFeatFaceFeaturizer(VisualConfig(backend="pyfeat"), detector=StandInDetector(faces[:2]))
-    assert short.dim == 31 and short(frames[:2]).features.shape == (2, 31)
+    assert short.dim == 31 and short(_numbered(2)).features.shape == (2, 31)
+    assert short.batch_size == VisualConfig().pyfeat_batch_size
+
+
+def test_pyfeat_tracks_between_detections_with_stand_in():
+    # frames 0-3: the face at (10, 10); from frame 4 it is at (150, 90); frame 9 has none
+    faces = [[(10, 10, 50, 60, float(i))] if i < 4 else [(150, 90, 50, 60, float(i))] for i in range(9)] + [[]]
+    det = StandInDetector(faces)
+    fz = PyFeatFaceFeaturizer(VisualConfig(backend="pyfeat", detect_every=3), detector=det, batch_size=4)
+    vf = fz(_numbered(len(faces)))
+    assert fz.last_kinds == ["scheduled", "tracked", "tracked", "scheduled",
+                             "redetected", "redetected",  # the carried box (10, 10) is empty now
+                             "scheduled", "tracked", "tracked",  # the batch of frames 8-9 carries on
+                             "scheduled"]  # due again; finds nothing
+    assert sum(shape[0] for shape in det.detect_calls) == fz.last_stats["detected"] == 6
+    assert fz.last_stats == {"frames": 10, "detected": 6, "scheduled": 4, "searching": 0, "redetected": 2,
+                             "tracked": 4, "detector_calls": 4}
+    assert [None if b is None else tuple(b[:2]) for b in fz.last_boxes] == (
+        [(10, 10)] * 4 + [(150, 90)] * 5 + [None])
+    au01 = vf.features[:, fz.feature_names.index("AU01")]
+    assert au01.tolist() == pytest.approx([i / 10 for i in range(9)] + [0.0])  # analysed in every frame
+    assert vf.face_found.tolist() == [True] * 9 + [False]
 
 
 def test_pyfeat_missing_gives_dependency_error(monkeypatch):
@@ -304,17 +356,60 @@ def test_pyfeat_missing_gives_dependency_error(monkeypatch):
         fz([(0.0, np.zeros((32, 32, 3), np.uint8))])
 
 
-def test_pyfeat_weights_unavailable_gives_dependency_error(monkeypatch):
+def _stub_pyfeat(monkeypatch, detector_class) -> None:
+    """A stand-in ``feat`` package whose ``Detectorv1`` is ``detector_class``."""
     import types
 
+    modules = {name: types.ModuleType(name) for name in
+               ("feat", "feat.detector", "feat.utils", "feat.utils.io", "feat.utils.face_pose_mlp")}
+    modules["feat.detector"].Detectorv1 = detector_class
+    modules["feat.detector"].get_resource_path = modules["feat.utils.io"].get_resource_path = lambda: "/nowhere"
+    modules["feat.utils.face_pose_mlp"].pose_from_landmarks_mlp = lambda landmarks: None
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_pyfeat_weights_unavailable_gives_dependency_error(monkeypatch):
     def offline(**kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
-    feat = types.ModuleType("feat")
-    detector = types.ModuleType("feat.detector")
-    detector.Detectorv1 = offline
-    monkeypatch.setitem(sys.modules, "feat", feat)
-    monkeypatch.setitem(sys.modules, "feat.detector", detector)
+    _stub_pyfeat(monkeypatch, offline)
     fz = PyFeatFaceFeaturizer(VisualConfig(backend="pyfeat", pyfeat_device="cpu"))
-    with pytest.raises(DependencyError, match="Hugging Face hub.*internet once"):
+    with pytest.raises(DependencyError, match="could not load its model weights.*couldn't connect"):
         fz([(0.0, np.zeros((32, 32, 3), np.uint8))])
+
+
+def test_pyfeat_weights_folder_missing_files_offline(monkeypatch, tmp_path):
+    built = []
+    _stub_pyfeat(monkeypatch, lambda **kwargs: built.append(kwargs))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "weights"
+    fz = PyFeatFaceFeaturizer(VisualConfig(backend="pyfeat", pyfeat_device="cpu", pyfeat_weights=str(folder)))
+    with pytest.raises(DependencyError) as info:
+        fz([(0.0, np.zeros((32, 32, 3), np.uint8))])
+    line = str(info.value)
+    assert "\n" not in line and not built  # checked before anything is built
+    assert line.startswith(f"py-feat weights missing from {folder}: py-feat/retinaface_r34/model.safetensors, ")
+    assert "HF_HUB_OFFLINE" in line
+    assert f"hf download py-feat/xgb_au xgb_au_classifier_v2.skops --cache-dir {folder}" in line
+
+    (tmp_path / "file").write_text("")
+    cfg = VisualConfig(backend="pyfeat", pyfeat_device="cpu", pyfeat_weights=str(tmp_path / "file"))
+    fz = PyFeatFaceFeaturizer(cfg)
+    with pytest.raises(DependencyError, match="not a folder"):
+        fz([(0.0, np.zeros((32, 32, 3), np.uint8))])
+
+
+def test_pyfeat_weights_folder_from_the_environment_overrides_the_config(monkeypatch, tmp_path):
+    """ALMT_PYFEAT_WEIGHTS is this machine's weights folder, for commands that rebuild extraction
+    from a checkpoint (the folder recorded there is another machine's). py-feat itself is the
+    boundary stubbed here; the real build runs in tests/test_pyfeat_real.py."""
+    import almt_pipeline.extractors.pyfeat_backend as PB
+
+    seen = []
+    monkeypatch.setattr(PB, "build_pyfeat_detector", lambda device, weights: seen.append(weights) or object())
+    cfg = VisualConfig(backend="pyfeat", pyfeat_weights="/elsewhere/weights", pyfeat_device="cpu")
+    assert PB.PyFeatFaceFeaturizer(cfg).detector is not None
+    monkeypatch.setenv("ALMT_PYFEAT_WEIGHTS", str(tmp_path))
+    assert PB.PyFeatFaceFeaturizer(cfg).detector is not None
+    assert seen == ["/elsewhere/weights", str(tmp_path)]

