@@ -121,3 +121,31 @@ def make_tiny_text_model(path: Path, hidden: int = 32, dropout: float = 0.1) -> 
             shutil.copy(src / name, path / name)
     return path
 
+
+
+def make_tiny_checkpoint(root: Path, text_len: int, ahl_depth: int = 1, seed: int = 3) -> Path:
+    """A random tiny ALMT (a 1-layer 32-wide BERT) with the ``default`` extractors' widths and
+    extraction settings, saved at ``root/ckpt``: real clips can be scored with it."""
+    import torch
+
+    from almt_pipeline.config import Config, ModelConfig, config_to_dict, load_config
+    from almt_pipeline.model.almt import ALMT
+    from almt_pipeline.model.checkpoint import save_checkpoint
+    from almt_pipeline.model.text_encoder import load_text_model
+
+    text_model = make_tiny_text_model(root / "bert")
+    default = load_config("default")
+    cfg = Config(name="tiny", model=ModelConfig(
+        text_model=str(text_model), text_len=text_len, audio_dim=default.model.audio_dim, audio_len=20,
+        vision_dim=default.model.vision_dim, vision_len=16, dim=16, n_tokens=4, embed_heads=2,
+        embed_dim_head=8, embed_mlp_dim=16, ahl_depth=ahl_depth, ahl_heads=2, ahl_dim_head=8, lang_heads=2,
+        lang_dim_head=8, lang_mlp_dim=16, fusion_depth=1, fusion_heads=2, fusion_dim_head=8,
+        fusion_mlp_dim=16,
+    ))
+    bert, tokenizer = load_text_model(str(text_model))
+    torch.manual_seed(seed)
+    model = ALMT(cfg.model, bert, 32).eval()
+    meta = {"extract": config_to_dict(default)["extract"], "lengths": {"text": text_len, "audio": 20, "vision": 16}}
+    save_checkpoint(root / "ckpt", model, cfg, tokenizer=tokenizer, text_config=bert.config.to_dict(),
+                    feature_meta=meta, label_scale="mosi")
+    return root / "ckpt"

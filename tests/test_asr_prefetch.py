@@ -11,10 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from synthetic import make_tiny_text_model
+from synthetic import make_tiny_checkpoint
 
-from almt_pipeline.config import Config, ModelConfig, config_to_dict, load_config
 from almt_pipeline.errors import DependencyError, ExtractionError
 from almt_pipeline.extractors.asr import TranscriptPrefetch
 from almt_pipeline.media import load_audio
@@ -149,27 +147,7 @@ def test_a_transcript_made_ahead_equals_the_direct_one_under_one_blas_thread(dat
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny random ALMT with the `default` extraction settings."""
-    from almt_pipeline.model.almt import ALMT
-    from almt_pipeline.model.checkpoint import save_checkpoint
-    from almt_pipeline.model.text_encoder import load_text_model
-
-    root = tmp_path_factory.mktemp("asr_prefetch")
-    text_model = make_tiny_text_model(root / "bert")
-    default = load_config("default")
-    cfg = Config(name="tiny", model=ModelConfig(
-        text_model=str(text_model), text_len=16, audio_dim=default.model.audio_dim, audio_len=20,
-        vision_dim=default.model.vision_dim, vision_len=16, dim=16, n_tokens=4, embed_heads=2,
-        embed_dim_head=8, embed_mlp_dim=16, ahl_depth=1, ahl_heads=2, ahl_dim_head=8, lang_heads=2,
-        lang_dim_head=8, lang_mlp_dim=16, fusion_depth=1, fusion_heads=2, fusion_dim_head=8,
-        fusion_mlp_dim=16,
-    ))
-    bert, tokenizer = load_text_model(str(text_model))
-    torch.manual_seed(3)
-    model = ALMT(cfg.model, bert, 32).eval()
-    meta = {"extract": config_to_dict(default)["extract"], "lengths": {"text": 16, "audio": 20, "vision": 16}}
-    save_checkpoint(root / "ckpt", model, cfg, tokenizer=tokenizer, text_config=bert.config.to_dict(),
-                    feature_meta=meta, label_scale="mosi")
-    return root / "ckpt"
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("asr_prefetch"), text_len=16)
 
 
 @pytest.mark.slow

@@ -17,17 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_tiny_text_model
+from synthetic import make_tiny_checkpoint
 from typer.testing import CliRunner
 
 from almt_pipeline import prediction
 from almt_pipeline.cli import app
-from almt_pipeline.config import Config, ModelConfig, config_to_dict, load_config
 from almt_pipeline.extractors.text import TextFeaturizer, split_words
 from almt_pipeline.features import fit_length
-from almt_pipeline.model.almt import ALMT
-from almt_pipeline.model.checkpoint import save_checkpoint
-from almt_pipeline.model.text_encoder import load_text_model
 from almt_pipeline.prediction import Predictor, Window, weighted_score
 
 TEXT_LEN, TEXT_DIM = 12, 32
@@ -37,25 +33,7 @@ WORDS = ("good", "bad", "movie", "great", "boring", "fun", "sad", "happy", "love
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A random ALMT with the `default` extractors' widths (33 audio, 160 vision features)."""
-    root = tmp_path_factory.mktemp("long_text")
-    text_model = make_tiny_text_model(root / "bert")
-    default = load_config("default")
-    cfg = Config(name="tiny", model=ModelConfig(
-        text_model=str(text_model), text_len=TEXT_LEN, audio_dim=default.model.audio_dim, audio_len=20,
-        vision_dim=default.model.vision_dim, vision_len=16, dim=16, n_tokens=4, embed_heads=2,
-        embed_dim_head=8, embed_mlp_dim=16, ahl_depth=2, ahl_heads=2, ahl_dim_head=8, lang_heads=2,
-        lang_dim_head=8, lang_mlp_dim=16, fusion_depth=1, fusion_heads=2, fusion_dim_head=8,
-        fusion_mlp_dim=16,
-    ))
-    bert, tokenizer = load_text_model(str(text_model))
-    torch.manual_seed(5)
-    model = ALMT(cfg.model, bert, TEXT_DIM).eval()
-    out = root / "ckpt"
-    meta = {"extract": config_to_dict(default)["extract"],
-            "lengths": {"text": TEXT_LEN, "audio": 20, "vision": 16}}
-    save_checkpoint(out, model, cfg, tokenizer=tokenizer, text_config=bert.config.to_dict(),
-                    feature_meta=meta, label_scale="mosi")
-    return out
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("long_text"), text_len=TEXT_LEN, ahl_depth=2, seed=5)
 
 
 @pytest.fixture(scope="module")
