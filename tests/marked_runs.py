@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 GONE_TIMEOUT_S = 20.0  # polling limit for the processes to disappear, not a speed requirement
@@ -89,3 +90,12 @@ class MarkedRun:
         for pid in self.processes():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def busy(run: MarkedRun) -> Iterator[MarkedRun]:
+    """A fixture's body: ``run`` once its workers are extracting, cleaned up after the test."""
+    try:
+        run.wait_for_busy_workers()  # each engine's subclass of MarkedRun has it
+        yield run
+    finally:
+        run.clean_up()

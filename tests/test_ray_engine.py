@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from marked_runs import MarkedRun, cmdline, proc_stat
+from marked_runs import MarkedRun, busy, cmdline, proc_stat
 from typer.testing import CliRunner
 
 from almt_pipeline.cli import app
@@ -357,36 +357,34 @@ def _descendants(root: int) -> dict[int, str]:
     return found
 
 
-@needs_ray
-@needs_proc
-@pytest.mark.slow  # starts a local Ray and two workers that load the models (~15-40 s)
-def test_killed_parent_leaves_no_ray_process(dataset, tmp_path):
-    run = Run(dataset, tmp_path / "out")
-    try:
-        run.wait_for_busy_workers()
-        assert any("raylet" in c for c in run.processes().values()), run.processes()
-        left = run.kill()
-        assert left == {}, f"processes of the killed run still alive: {left}"
-    finally:
-        run.clean_up()
+@pytest.fixture
+def busy_run(dataset, tmp_path):
+    """An `almt extract --engine ray` subprocess whose workers are extracting; cleaned up after."""
+    yield from busy(Run(dataset, tmp_path / "out"))
 
 
 @needs_ray
 @needs_proc
 @pytest.mark.slow  # starts a local Ray and two workers that load the models (~15-40 s)
-def test_sigterm_stops_ray_keeps_finished_clips_and_says_how_to_resume(dataset, tmp_path):
-    run = Run(dataset, tmp_path / "out")
-    try:
-        run.wait_for_busy_workers()
-        rc, output, resume = run.terminate()
-        assert rc == 130, output  # SIGTERM takes the Ctrl-C path, although ray.init sets its own handler
-        assert len(resume) == 1 and resume[0].startswith("received SIGTERM: "), output
-        assert "Traceback" not in output, output
-        assert run.wait_until_no_process_left() == {}
-        finished = len(_cache_entries(run.out_dir / "features.pkl"))
-        assert f"{finished} of {N_GOOD + 2} clips are finished" in resume[0]
-    finally:
-        run.clean_up()
+def test_killed_parent_leaves_no_ray_process(busy_run):
+    run = busy_run
+    assert any("raylet" in c for c in run.processes().values()), run.processes()
+    left = run.kill()
+    assert left == {}, f"processes of the killed run still alive: {left}"
+
+
+@needs_ray
+@needs_proc
+@pytest.mark.slow  # starts a local Ray and two workers that load the models (~15-40 s)
+def test_sigterm_stops_ray_keeps_finished_clips_and_says_how_to_resume(busy_run):
+    run = busy_run
+    rc, output, resume = run.terminate()
+    assert rc == 130, output  # SIGTERM takes the Ctrl-C path, although ray.init sets its own handler
+    assert len(resume) == 1 and resume[0].startswith("received SIGTERM: "), output
+    assert "Traceback" not in output, output
+    assert run.wait_until_no_process_left() == {}
+    finished = len(_cache_entries(run.out_dir / "features.pkl"))
+    assert f"{finished} of {N_GOOD + 2} clips are finished" in resume[0]
 
 
 # ---------------------------------------------------------------------------------------------

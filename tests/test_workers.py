@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from marked_runs import MarkedRun
+from marked_runs import MarkedRun, busy
 
 COPIES = 8  # 48 clips: the workers are still busy when the first one is finished
 MARKER = "ALMT_TEST_RUN"
@@ -73,33 +73,31 @@ class Run(MarkedRun):
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 
 
+@pytest.fixture
+def busy_run(dataset, tmp_path):
+    """An `almt extract --workers 2` subprocess whose workers are extracting; cleaned up after."""
+    yield from busy(Run(dataset, tmp_path / "out"))
+
+
 @needs_proc
 @pytest.mark.slow  # real worker processes load the models (~20-60 s)
-def test_killed_parent_leaves_no_worker(dataset, tmp_path):
-    run = Run(dataset, tmp_path / "out")
-    try:
-        run.wait_for_busy_workers()
-        left = run.kill()
-        assert left == {}, f"processes of the killed run still alive: {left}"
-    finally:
-        run.clean_up()
+def test_killed_parent_leaves_no_worker(busy_run):
+    left = busy_run.kill()
+    assert left == {}, f"processes of the killed run still alive: {left}"
 
 
 @needs_proc
 @pytest.mark.slow  # real worker processes load the models, twice (~40-120 s)
-def test_sigterm_stops_workers_keeps_finished_clips_and_says_how_to_resume(dataset, tmp_path):
-    run = Run(dataset, tmp_path / "out")
-    try:
-        run.wait_for_busy_workers()
-        rc, output, resume = run.terminate()
-        assert rc == 130, output  # SIGTERM takes the Ctrl-C path
-        assert len(resume) == 1 and resume[0].startswith("received SIGTERM: "), output
-        assert "Traceback" not in output and "leaked" not in output, output
-        assert run.wait_until_no_process_left() == {}
-        finished = run.finished_clips()
-        assert re.search(rf"\b{finished} of 48 clips are finished", resume[0]), (finished, resume[0])
-    finally:
-        run.clean_up()
+def test_sigterm_stops_workers_keeps_finished_clips_and_says_how_to_resume(busy_run, dataset, tmp_path):
+    run = busy_run
+    rc, output, resume = run.terminate()
+    assert rc == 130, output  # SIGTERM takes the Ctrl-C path
+    assert len(resume) == 1 and resume[0].startswith("received SIGTERM: "), output
+    assert "Traceback" not in output and "leaked" not in output, output
+    assert run.wait_until_no_process_left() == {}
+    finished = run.finished_clips()
+    assert re.search(rf"\b{finished} of 48 clips are finished", resume[0]), (finished, resume[0])
+    run.clean_up()  # before the rerun (the fixture cleans up again, harmlessly)
 
     again = Run(dataset, tmp_path / "out")
     try:

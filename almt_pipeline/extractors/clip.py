@@ -180,7 +180,7 @@ class ClipExtractor:
                  audio_featurizer: AudioFeaturizerLike | None = None,
                  face_featurizer: FaceFeaturizer | None = None,
                  text_featurizer: TextFeaturizerLike | None = None,
-                 transcriber: TranscriberLike | Future[TranscriberLike] | None = None,
+                 transcriber: TranscriberLike | None = None,
                  threads: int | None = None):
         self.cfg = cfg
         self.device = str(device)
@@ -190,7 +190,7 @@ class ClipExtractor:
         check_feature_widths(cfg, self.audio_featurizer, self.face_featurizer)
         self.text_featurizer = text_featurizer or TextFeaturizer(
             cfg.model.text_model, cfg.model.text_len, device=self.device)
-        # a Transcriber, a Future that yields one (loading in the background), or None: load on need
+        # a recogniser (e.g. prediction.py's, which may still be loading in the background), or None: load on need
         self._transcriber = transcriber
         self._transcriber_lock = threading.Lock()
         self._ahead: dict[Path, Future[_Opened]] = {}  # clips being opened ahead, oldest first
@@ -198,8 +198,6 @@ class ClipExtractor:
     @property
     def transcriber(self) -> TranscriberLike:
         with self._transcriber_lock:
-            if isinstance(self._transcriber, Future):
-                self._transcriber = self._transcriber.result()  # a loading error is raised here
             if self._transcriber is None:
                 ex = self.cfg.extract
                 # faster-whisper takes "cpu" or "cuda" (the index is a separate option)
